@@ -1,0 +1,200 @@
+"""Command lines of `launch/train.py` and `launch/evaluate.py`.
+
+User mistakes (:class:`EnsembleError`) end as one ``error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+
+from .config import ExperimentConfig, apply_override, config_from_dict, describe, load_config
+from .errors import ConfigError, EnsembleError
+
+USER_ERROR = 2
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup_logging() -> None:
+    main = _rank() == 0
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if main else logging.WARNING,
+        force=True,
+    )
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()  # per-file weight load/save bars are noise here
+    datasets.logging.set_verbosity_warning()
+    if not main:
+        datasets.disable_progress_bars()
+
+
+def guarded(main: Callable[[Sequence[str] | None], object]) -> Callable[[Sequence[str] | None], int]:
+    """Wrap an entry point: user errors become one line on stderr and exit status 2."""
+
+    def run(argv: Sequence[str] | None = None) -> int:
+        try:
+            main(argv)
+        except EnsembleError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return USER_ERROR
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        return 0
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# train
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/train.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train seeded members and evaluate their ensemble.",
+        epilog="overrides: dotted section.key=value pairs, values parsed as YAML.\n\n"
+        "Config keys (defaults):\n" + describe(),
+    )
+    p.add_argument("--config", help="YAML experiment config (see configs/)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return p
+
+
+@guarded
+def train_main(argv: Sequence[str] | None = None) -> None:
+    args = train_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return
+    setup_logging()
+    from .training import train_run
+
+    train_run(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/evaluate.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate members and their ensemble (mean of the members' probabilities).",
+        epilog="examples:\n"
+        "  launch/evaluate.py runs/tiny                       # the run's test split\n"
+        "  launch/evaluate.py runs/tiny --data book.txt       # a local file, whole\n"
+        "  launch/evaluate.py --members a/ b/ --config c.yaml --output out/\n"
+        "overrides: data.* and eval.* keys, e.g. eval.per_device_batch_size=8",
+    )
+    p.add_argument("run_dir", nargs="?", help="run directory written by launch/train.py")
+    p.add_argument("--members", nargs="+", metavar="DIR", help="member directories (instead of a run)")
+    p.add_argument("--config", help="YAML config for the data (default: the run's or first member's)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH_OR_NAME",
+        help="evaluate on local file(s), taken whole as the test split, or a Hub dataset / saved "
+        "dataset directory instead of the run's data",
+    )
+    p.add_argument(
+        "--split", default=None, choices=["test", "validation"], help="split to evaluate (default: test)"
+    )
+    p.add_argument("--output", help="directory for results.json/.md (default: the run, or <run>/eval/<data>)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "data"
+
+
+def resolve_evaluation(args: argparse.Namespace) -> tuple[list[Path], ExperimentConfig, str, Path]:
+    """(member dirs, config whose data/eval sections apply, split, output dir)."""
+    from .members import find_members
+
+    if bool(args.run_dir) == bool(args.members):
+        raise EnsembleError("give either a run directory or --members DIR ..., not both or neither")
+    if args.run_dir:
+        run = Path(args.run_dir)
+        if not run.is_dir():
+            raise EnsembleError(f"run directory {run} not found; pass the output.dir of a training run")
+        member_paths = find_members(run)
+        if not member_paths:
+            raise EnsembleError(f"{run} holds no finished members (members/member-<i>/member.json)")
+    else:
+        member_paths = [Path(m) for m in args.members]
+        for m in member_paths:
+            if not m.is_dir():
+                raise EnsembleError(f"member directory {m} not found; fix the path")
+
+    config_path = (
+        Path(args.config)
+        if args.config
+        else (Path(args.run_dir) / "config.yaml" if args.run_dir else member_paths[0] / "config.yaml")
+    )
+    if not config_path.is_file():
+        raise EnsembleError(f"config {config_path} not found; pass --config with the data section to use")
+    raw = yaml.safe_load(config_path.read_text()) or {}
+    if args.data:
+        data = raw.setdefault("data", {})
+        for key in ("dataset", "dataset_config", "text_column", "text_template"):
+            data[key] = None
+        for key in ("train_files", "validation_files", "test_files"):
+            data[key] = []
+        if all(Path(d).is_file() for d in args.data):
+            data["test_files"] = list(args.data)
+        elif len(args.data) == 1:
+            data["dataset"] = args.data[0]
+        else:
+            missing = [d for d in args.data if not Path(d).is_file()]
+            raise EnsembleError(f"--data: file(s) {missing} not found; fix the paths")
+    for item in args.overrides:
+        if not item.split("=", 1)[0].startswith(("data.", "eval.")):
+            raise ConfigError(f"override {item!r}: evaluation takes only data.* and eval.* overrides")
+        apply_override(raw, item)
+    cfg = config_from_dict(raw)
+    split = args.split or "test"
+
+    if args.output:
+        out = Path(args.output)
+    elif args.run_dir and not args.data and split == "test":
+        out = Path(args.run_dir)
+    elif args.run_dir:
+        name = _slug("-".join(Path(d).name for d in args.data)) if args.data else "run-data"
+        out = Path(args.run_dir) / "eval" / f"{name}-{split}"
+    else:
+        raise EnsembleError("--output is required with --members; say where results.json should go")
+    return member_paths, cfg, split, out
+
+
+@guarded
+def evaluate_main(argv: Sequence[str] | None = None) -> None:
+    args = evaluate_parser().parse_args(argv)
+    member_paths, cfg, split, out = resolve_evaluation(args)
+    setup_logging()
+    import torch
+
+    from .evaluation import evaluate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    evaluate(member_paths, cfg.data, cfg.eval, split, out, device)

@@ -1,0 +1,13 @@
+"""The one exception type for mistakes a user can fix.
+
+Entry points print these as a single line (``error: ...``) and exit with status 2; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class EnsembleError(Exception):
+    """A user-facing error: the message names the problem and the fix, on one line."""
+
+
+class ConfigError(EnsembleError):
+    """The configuration is invalid (unknown key, wrong type, impossible value)."""

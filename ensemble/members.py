@@ -1,0 +1,259 @@
+"""Members: their specs, how each is built from its seed, and how they are saved and loaded.
+
+A run directory holds::
+
+    <output_dir>/config.yaml            the resolved config
+    <output_dir>/manifest.json          members, seeds, status, data fingerprint, versions
+    <output_dir>/members/member-<i>/    Hugging Face format + member.json + config.yaml
+    <output_dir>/results.json, results.md
+    <output_dir>/logs/                  TensorBoard / wandb files
+
+A member directory appears under its final name only once complete (see :mod:`files`), so any
+``member-<i>`` directory with a ``member.json`` is a finished member.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ExperimentConfig, ModelConfig
+from .errors import EnsembleError
+from .files import atomic_directory, atomic_write_json, atomic_write_text
+from .hub import is_local, require_hub
+
+MEMBER_INFO = "member.json"
+MEMBER_DIR_RE = re.compile(r"^member-(\d+)$")
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One ensemble member: its position in the ensemble and its seed."""
+
+    index: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"member-{self.index}"
+
+
+def member_specs(cfg: ExperimentConfig) -> list[MemberSpec]:
+    return [MemberSpec(index=i, seed=s) for i, s in enumerate(cfg.members.seeds)]
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+
+
+def load_model_config(cfg: ModelConfig) -> Any:
+    """The model's `PretrainedConfig` without weights (cheap; used for early checks). Built from
+    scratch, its vocabulary is set later from the tokenizer by :func:`fit_model_config`."""
+    from transformers import AutoConfig, GPT2Config
+
+    if not cfg.name_or_path:
+        return GPT2Config(**cfg.gpt2_config)
+    if not is_local(cfg.name_or_path):
+        require_hub(
+            "model",
+            cfg.name_or_path,
+            "save it where the Hub is reachable (AutoModelForCausalLM.from_pretrained(NAME)"
+            ".save_pretrained(DIR)) and set model.name_or_path=DIR",
+        )
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path)
+    except (OSError, ValueError) as e:
+        raise EnsembleError(
+            f"cannot load model '{cfg.name_or_path}' ({_first_line(e)}); check model.name_or_path"
+        ) from None
+
+
+def fit_model_config(cfg: ModelConfig, model_config: Any, tokenizer: Any) -> Any:
+    """Match the model's vocabulary and special ids to the tokenizer."""
+    if cfg.name_or_path:
+        if len(tokenizer) > model_config.vocab_size:
+            raise EnsembleError(
+                f"the tokenizer has {len(tokenizer)} tokens but model '{cfg.name_or_path}' only "
+                f"{model_config.vocab_size} embeddings; use the model's own tokenizer"
+            )
+        return model_config
+    from transformers import GPT2Config
+
+    eos = tokenizer.eos_token_id
+    fields = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
+    fields.update(cfg.gpt2_config)
+    return GPT2Config(vocab_size=len(tokenizer), **fields)
+
+
+def context_length(model_config: Any) -> int:
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(model_config, name, None)
+        if value:
+            return int(value)
+    raise EnsembleError("cannot tell the model's context length; set data.block_size explicitly")
+
+
+def build_model(cfg: ModelConfig, model_config: Any, seed: int) -> torch.nn.Module:
+    """A fresh member: pretrained weights, or a new model whose initialisation draws from a
+    generator seeded with the member's seed (and from nothing else)."""
+    from transformers import AutoModelForCausalLM
+
+    # fork_rng restores the process RNG afterwards, so building one member cannot shift the
+    # random stream of the next.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if cfg.name_or_path:
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=model_config)
+        else:
+            model = AutoModelForCausalLM.from_config(model_config)
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# The run directory
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def members(self) -> Path:
+        return self.root / "members"
+
+    def member(self, spec: MemberSpec) -> Path:
+        return self.members / spec.name
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import numpy
+    import transformers
+
+    from . import __version__
+
+    return {
+        "ensemble": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def write_manifest(paths: RunPaths, specs: list[MemberSpec], data_fingerprint: dict[str, Any]) -> None:
+    """Record the run's members and their status (complete once their directory exists)."""
+    members = []
+    for spec in specs:
+        done = is_complete_member(paths.member(spec))
+        members.append(
+            {
+                "name": spec.name,
+                "index": spec.index,
+                "seed": spec.seed,
+                "path": str(paths.member(spec).relative_to(paths.root)),
+                "status": "complete" if done else "pending",
+            }
+        )
+    atomic_write_json(
+        paths.manifest,
+        {
+            "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": paths.config.name,
+            "members": members,
+            "data_fingerprint": data_fingerprint,
+            "versions": library_versions(),
+        },
+    )
+
+
+def is_complete_member(path: Path) -> bool:
+    return (path / MEMBER_INFO).is_file()
+
+
+def save_member(
+    dest: Path,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    spec: MemberSpec,
+    cfg: ExperimentConfig,
+    info: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write a member in Hugging Face format, atomically (complete or absent, never partial)."""
+    with atomic_directory(dest) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / "config.yaml", cfg.to_yaml())
+        # member.json last: its presence marks the directory as a finished member.
+        atomic_write_json(
+            tmp / MEMBER_INFO, {"name": spec.name, "index": spec.index, "seed": spec.seed, **info}
+        )
+
+
+def find_members(run_dir: Path) -> list[Path]:
+    """Finished member directories of a run, in member order."""
+    members_dir = Path(run_dir) / "members"
+    found = []
+    if members_dir.is_dir():
+        for entry in members_dir.iterdir():
+            m = MEMBER_DIR_RE.match(entry.name)
+            if m and is_complete_member(entry):
+                found.append((int(m.group(1)), entry))
+    return [p for _, p in sorted(found)]
+
+
+def read_member_info(path: Path) -> dict[str, Any]:
+    info_path = Path(path) / MEMBER_INFO
+    if not info_path.is_file():
+        raise EnsembleError(
+            f"{path} is not a finished member (no {MEMBER_INFO}); point at a member directory "
+            "written by launch/train.py"
+        )
+    return json.loads(info_path.read_text())
+
+
+def load_member(
+    path: Path, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """(model in eval mode, tokenizer, member info) from a member directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = read_member_info(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise EnsembleError(f"cannot load member {path} ({_first_line(e)}); re-train or remove it") from None
+    return model.to(device).eval(), tokenizer, info

@@ -1,0 +1,321 @@
+"""Training: the run (checks, data, members, evaluation) and one member's Accelerate loop.
+
+`train_run` decides *which* members this process trains (`plan_members`) and hands each to
+`train_member`, which knows nothing about placement: it trains the member it is given on the
+processes of its Accelerator.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import ExperimentConfig
+from .data import PreparedData, iter_texts, load_splits, prepare_data
+from .errors import EnsembleError
+from .evaluation import evaluate
+from .files import atomic_write_text, remove_stale_tmp
+from .members import (
+    MemberSpec,
+    RunPaths,
+    build_model,
+    context_length,
+    find_members,
+    fit_model_config,
+    load_model_config,
+    member_specs,
+    save_member,
+    write_manifest,
+)
+from .reporting import RESULTS_JSON, RESULTS_MD
+from .tokenization import load_pretrained_tokenizer, load_tokenizer, needs_training_text
+from .tracking import flat_config, make_trackers
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks that run before any work
+
+
+def check_output_dir(paths: RunPaths, overwrite: bool) -> None:
+    """The output directory must be writable and must not hold a run we would clobber."""
+    root = paths.root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise EnsembleError(
+            f"output.dir '{root}' is not writable ({e.strerror or e}); choose a writable output.dir"
+        ) from None
+    existing = [p for p in (paths.manifest, root / RESULTS_JSON) if p.exists()] + find_members(root)
+    if existing and not overwrite:
+        raise EnsembleError(
+            f"output.dir '{root}' already holds a run ({existing[0].relative_to(root)}); choose "
+            "another output.dir, or pass output.overwrite=true to replace it"
+        )
+
+
+def clear_previous_run(paths: RunPaths) -> None:
+    """With output.overwrite: remove the old run first, so no stale member or result can be
+    mistaken for part of the new one."""
+    for path in (paths.manifest, paths.root / RESULTS_JSON, paths.root / RESULTS_MD, paths.config):
+        path.unlink(missing_ok=True)
+    for path in (paths.members, paths.logs):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_block_size(cfg: ExperimentConfig, model_config: Any) -> int:
+    ctx = context_length(model_config)
+    block_size = cfg.data.block_size or ctx
+    if block_size > ctx:
+        raise EnsembleError(
+            f"data.block_size={block_size} exceeds the model's context of {ctx} tokens; "
+            f"set data.block_size <= {ctx}"
+        )
+    return block_size
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher != "no":
+        return launcher  # chosen with `accelerate launch --mixed_precision`
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+# --------------------------------------------------------------------------------------------
+# One member
+
+
+def _optimizer(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    # Decay weight matrices only; biases and LayerNorm gains stay undecayed (as in GPT-2/nanoGPT).
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    t = cfg.train
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=tuple(t.adam_betas),
+        eps=t.adam_eps,
+    )
+
+
+def train_member(
+    cfg: ExperimentConfig,
+    spec: MemberSpec,
+    data: PreparedData,
+    tokenizer: Any,
+    model_config: Any,
+    paths: RunPaths,
+) -> dict[str, Any]:
+    """Train one member on this Accelerator's processes and save it. Returns its training summary."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+    from transformers import get_scheduler
+
+    t = cfg.train
+    accelerator = Accelerator(
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        mixed_precision=resolve_mixed_precision(t.mixed_precision),
+        log_with=make_trackers(cfg, spec.name, paths.logs) or None,
+        # The sampler's order depends on the member's seed and the epoch only, so it is the
+        # same on every rank and after a restart.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=spec.seed),
+        step_scheduler_with_optimizer=False,
+    )
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    # Dropout draws from the process RNG: seed it from the member (and rank, so data-parallel
+    # replicas drop different units) and restore it afterwards, so members do not share a stream.
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(spec.seed + accelerator.process_index)
+        model = build_model(cfg.model, model_config, spec.seed)
+        loader = DataLoader(data.train_blocks(), batch_size=t.per_device_batch_size, shuffle=True)
+        model, optimizer, loader = accelerator.prepare(model, _optimizer(model, cfg), loader)
+        steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
+        total_steps = t.max_steps or steps_per_epoch * t.num_epochs
+        if t.warmup_steps >= total_steps:
+            logger.warning(
+                "%s: train.warmup_steps=%d >= the %d optimizer steps of this run: the learning rate "
+                "never reaches train.lr=%g",
+                spec.name,
+                t.warmup_steps,
+                total_steps,
+                t.lr,
+            )
+        scheduler = accelerator.prepare(get_scheduler(t.lr_scheduler, optimizer, t.warmup_steps, total_steps))
+        accelerator.init_trackers(cfg.tracking.project, config={"member.seed": spec.seed, **flat_config(cfg)})
+        logger.info(
+            "%s (seed %d): %d blocks of %d tokens, %d optimizer steps on %d process(es)",
+            spec.name,
+            spec.seed,
+            len(loader.dataset),
+            data.block_size,
+            total_steps,
+            accelerator.num_processes,
+        )
+        summary = _loop(
+            accelerator, model, optimizer, loader, scheduler, cfg, spec, total_steps, steps_per_epoch
+        )
+
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # collective under sharding: every rank calls it
+    if accelerator.is_main_process:
+        info = {"training": summary, "data_fingerprint": data.fingerprint()}
+        save_member(
+            paths.member(spec), accelerator.unwrap_model(model), tokenizer, spec, cfg, info, state_dict
+        )
+        logger.info("%s saved to %s", spec.name, paths.member(spec))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    accelerator.free_memory()
+    return summary
+
+
+def _loop(
+    accelerator, model, optimizer, loader, scheduler, cfg, spec, total_steps, steps_per_epoch
+) -> dict[str, Any]:
+    t = cfg.train
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    model.train()
+    step, tokens = 0, 0
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_batches, window_tokens = 0, 0
+    start = window_start = time.perf_counter()
+    last_loss = math.nan
+    # A context manager, so the bar is closed (not redrawn later) when an error ends training.
+    with tqdm(
+        total=total_steps,
+        desc=f"{spec.name} (seed {spec.seed})",
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+    ) as progress:
+        for _epoch in range(epochs):
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = model(input_ids=batch, labels=batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad()
+                window_loss += loss.detach()
+                window_batches += 1
+                window_tokens += batch.numel() * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                progress.update(1)
+                if step % t.logging_steps == 0 or step == total_steps:
+                    mean_loss = accelerator.reduce(window_loss / window_batches, "mean").item()
+                    if not math.isfinite(mean_loss):
+                        raise EnsembleError(
+                            f"{spec.name} (seed {spec.seed}): the training loss became {mean_loss} by "
+                            f"step {step}; lower train.lr or enable train.max_grad_norm"
+                        )
+                    now = time.perf_counter()
+                    tokens += window_tokens
+                    metrics = {
+                        "train/loss": mean_loss,
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/tokens_per_s": window_tokens / (now - window_start),
+                        "train/epoch": step / steps_per_epoch,
+                    }
+                    accelerator.log(metrics, step=step)
+                    progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
+                    last_loss = mean_loss
+                    window_loss.zero_()
+                    window_batches, window_tokens, window_start = 0, 0, now
+                if step >= total_steps:
+                    break
+            if step >= total_steps:
+                break
+    seconds = time.perf_counter() - start
+    return {
+        "steps": step,
+        "epochs": epochs,
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "final_loss": last_loss,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def plan_members(specs: list[MemberSpec]) -> list[MemberSpec]:
+    """Members this process trains, in order. One process (or all processes together, data
+    parallel) trains every member in turn; concurrent placement on rank groups replaces this."""
+    return specs
+
+
+def train_run(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Check everything, prepare the data once, train every member, evaluate the ensemble."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    paths = RunPaths(Path(cfg.output.dir))
+    # Cheap checks first: a mistake should cost seconds, not a dataset download.
+    check_output_dir(paths, cfg.output.overwrite)
+    base_config = load_model_config(cfg.model)
+    block_size = resolve_block_size(cfg, base_config)
+    if not needs_training_text(cfg.model):
+        tokenizer = load_tokenizer(cfg.model)
+    with state.main_process_first():
+        raw = load_splits(cfg.data)
+        if needs_training_text(cfg.model):
+            if "train" not in raw:
+                raise EnsembleError("model.tokenizer=bpe needs a training split to learn from")
+            if state.is_main_process:
+                tokenizer = load_tokenizer(cfg.model, iter_texts(raw["train"], cfg.data), paths.tokenizer)
+            else:  # the main process's tokenizer, never one trained separately
+                tokenizer = load_pretrained_tokenizer(paths.tokenizer)
+        data = prepare_data(cfg.data, tokenizer, block_size, raw=raw)
+    model_config = fit_model_config(cfg.model, base_config, tokenizer)
+    specs = member_specs(cfg)
+    if state.is_main_process:
+        if cfg.output.overwrite:
+            clear_previous_run(paths)
+        paths.members.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(paths.members)
+        remove_stale_tmp(paths.root)
+        atomic_write_text(paths.config, cfg.to_yaml())
+        write_manifest(paths, specs, data.fingerprint())
+    state.wait_for_everyone()
+
+    for spec in plan_members(specs):
+        train_member(cfg, spec, data, tokenizer, model_config, paths)
+        if state.is_main_process:
+            write_manifest(paths, specs, data.fingerprint())
+
+    results: dict[str, Any] = {}
+    if state.is_main_process:
+        results = evaluate(
+            [paths.member(s) for s in specs],
+            cfg.data,
+            cfg.eval,
+            cfg.eval.split,
+            paths.root,
+            state.device,
+            prepared=data,
+        )
+    state.wait_for_everyone()
+    return results

@@ -1,0 +1,83 @@
+"""Shared fixtures: the real text and GPT-2 tokenizer from ../shared/data, tiny configs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ENSEMBLE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        message = f"{path} not found: the shared test data (../shared/data, or set ENSEMBLE_SHARED_DATA)"
+        if os.environ.get("REQUIRE_SHARED_DATA"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return _need(SHARED)
+
+
+@pytest.fixture(scope="session")
+def sherlock(shared_data: Path) -> Path:
+    return _need(shared_data / "sherlock_holmes.txt")
+
+
+@pytest.fixture(scope="session")
+def shakespeare(shared_data: Path) -> Path:
+    return _need(shared_data / "tinyshakespeare.txt")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real GPT-2 tokenizer as a local directory in Hugging Face format (what
+    `AutoTokenizer.from_pretrained('gpt2')` would give, without the Hub)."""
+    import shutil
+
+    from transformers import AutoTokenizer, GPT2Tokenizer
+
+    src = _need(shared_data / "gpt2-tokenizer")
+    hub_layout = tmp_path_factory.mktemp("gpt2-files")  # vocab.json + merges.txt, as in the Hub repo
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(src / name, hub_layout / name)
+    out = tmp_path_factory.mktemp("gpt2-tokenizer")
+    GPT2Tokenizer.from_pretrained(hub_layout).save_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out)("Hello world")["input_ids"] == [15496, 995]
+    return out
+
+
+@pytest.fixture(scope="session")
+def datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hf-datasets-cache")
+
+
+def tiny_overrides(out: Path, cache: Path, **extra: object) -> list[str]:
+    """A run small enough for a test: 1-layer GPT-2, byte tokenizer, Python docs, a few steps."""
+    values: dict[str, object] = {
+        "model.gpt2_config": "{n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64}",
+        "model.tokenizer": "byte",
+        "data.dataset": "builtin:python-docs",
+        "data.block_size": 64,
+        "data.cache_dir": str(cache),
+        "members.seeds": "[42, 123]",
+        "train.max_steps": 4,
+        "train.per_device_batch_size": 4,
+        "train.lr": 1e-3,
+        "train.logging_steps": 2,
+        "eval.per_device_batch_size": 64,
+        "tracking.report_to": "[none]",
+        "output.dir": str(out),
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+PYTHON = sys.executable

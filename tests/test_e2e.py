@@ -1,0 +1,180 @@
+"""End to end through the real launcher: `accelerate launch launch/train.py`, then evaluate.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from . import wandb_records
+from .conftest import PYTHON, REPO
+
+pytestmark = pytest.mark.slow
+
+SEEDS = [42, 123, 456]
+
+
+def _accelerate_cpu_config(path: Path) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "compute_environment": "LOCAL_MACHINE",
+                "distributed_type": "NO",
+                "num_machines": 1,
+                "num_processes": 1,
+                "machine_rank": 0,
+                "mixed_precision": "no",
+                "use_cpu": True,
+            }
+        )
+    )
+    return path
+
+
+def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, **kwargs)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, datasets_cache) -> Path:
+    root = tmp_path_factory.mktemp("e2e")
+    out = root / "run"
+    accelerate_bin = Path(PYTHON).with_name("accelerate")
+    _run(
+        [
+            str(accelerate_bin),
+            "launch",
+            "--config_file",
+            str(_accelerate_cpu_config(root / "cpu.yaml")),
+            "launch/train.py",
+            "--config",
+            "configs/tiny.yaml",
+            # the shipped default on a smaller budget
+            f"data.cache_dir={datasets_cache}",
+            "train.max_steps=150",
+            "train.logging_steps=25",
+            "tracking.report_to=[tensorboard]",
+            f"output.dir={out}",
+        ]
+    )
+    return out
+
+
+def test_members_exist_and_load_with_auto_classes(run_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for i, seed in enumerate(SEEDS):
+        d = run_dir / "members" / f"member-{i}"
+        assert (d / "model.safetensors").is_file()
+        info = json.loads((d / "member.json").read_text())
+        assert (info["index"], info["seed"]) == (i, seed)
+        assert info["training"]["steps"] == 150
+        saved_cfg = yaml.safe_load((d / "config.yaml").read_text())
+        assert saved_cfg["members"]["seeds"] == SEEDS
+        model = AutoModelForCausalLM.from_pretrained(d)
+        tok = AutoTokenizer.from_pretrained(d)
+        assert model.config.vocab_size == len(tok) == 2048  # the run's trained BPE
+        assert model.config.n_layer == 2
+        assert tok.get_vocab() == AutoTokenizer.from_pretrained(run_dir / "tokenizer").get_vocab()
+    assert not [p for p in (run_dir / "members").iterdir() if p.name.startswith(".")]
+
+
+def test_manifest_records_members_data_and_versions(run_dir):
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [(m["seed"], m["status"]) for m in manifest["members"]] == [(s, "complete") for s in SEEDS]
+    splits = manifest["data_fingerprint"]["splits"]
+    assert set(splits) == {"train", "validation", "test"}
+    assert all(len(s["sha256"]) == 64 and s["tokens"] > 0 for s in splits.values())
+    assert {"torch", "transformers", "accelerate", "datasets"} <= set(manifest["versions"])
+
+
+def test_results_are_sane(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    data = results["data"]
+    expected_tokens = data["tokens"] - data["blocks"]  # every block predicts all but its first token
+    rows = results["members"] + [results["ensemble"]]
+    assert [m["seed"] for m in results["members"]] == SEEDS
+    for r in rows:
+        assert r["tokens"] == expected_tokens
+        assert 0.03 < r["accuracy"] <= r["top5_accuracy"] <= 1.0  # chance is 1/2048
+        assert r["perplexity"] == pytest.approx(math.exp(r["nll"]))
+        assert 0 < r["nll"] < math.log(2048) - 1  # far better than uniform
+    mean_member_nll = sum(m["nll"] for m in results["members"]) / len(SEEDS)
+    assert results["ensemble"]["nll"] <= mean_member_nll  # a mixture never loses to its average member
+    table = (run_dir / "results.md").read_text()
+    for i, seed in enumerate(SEEDS):
+        assert f"| member-{i} (seed {seed}) |" in table
+    assert "| **Ensemble** (mean probability of 3 members) |" in table
+
+
+def test_tensorboard_recorded_each_members_metrics(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for i in range(len(SEEDS)):
+        acc = EventAccumulator(str(run_dir / "logs" / f"member-{i}"))
+        acc.Reload()
+        for tag in ("train/loss", "train/lr", "train/tokens_per_s"):
+            events = acc.Scalars(tag)
+            assert [e.step for e in events] == [25, 50, 75, 100, 125, 150], tag
+            assert all(math.isfinite(e.value) for e in events)
+
+
+def test_evaluate_reproduces_results_and_never_clobbers_them(run_dir, sherlock):
+    before = json.loads((run_dir / "results.json").read_text())
+    _run([PYTHON, "launch/evaluate.py", str(run_dir), "--output", str(run_dir / "again")])
+    again = json.loads((run_dir / "again" / "results.json").read_text())
+    for a, b in zip(
+        before["members"] + [before["ensemble"]], again["members"] + [again["ensemble"]], strict=True
+    ):
+        for key in ("accuracy", "top5_accuracy", "nll", "tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9), key
+
+    proc = _run([PYTHON, "launch/evaluate.py", str(run_dir), "--data", str(sherlock)])
+    other = run_dir / "eval" / "sherlock_holmes.txt-test" / "results.json"
+    book = json.loads(other.read_text())
+    assert book["data"]["source"] == str(sherlock)
+    assert book["ensemble"]["tokens"] > 100_000  # the whole book
+    assert "| **Ensemble**" in proc.stdout
+    assert json.loads((run_dir / "results.json").read_text()) == before
+
+
+def test_wandb_without_credentials_runs_offline_and_records_metrics(tmp_path, datasets_cache):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), NETRC=str(home / ".netrc"))
+    out = tmp_path / "run"
+    _run(
+        [
+            PYTHON,
+            "launch/train.py",
+            "--config",
+            "configs/tiny.yaml",
+            "model.gpt2_config={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64}",
+            "data.block_size=64",
+            f"data.cache_dir={datasets_cache}",
+            "members.seeds=[7]",
+            "train.max_steps=4",
+            "train.logging_steps=2",
+            "tracking.report_to=[wandb]",
+            "tracking.run_name=offline-check",
+            f"output.dir={out}",
+        ],
+        env=env,
+    )
+    runs = sorted((out / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((out / "logs").rglob("*"))
+    (run_file,) = runs[0].glob("run-*.wandb")
+    rows = wandb_records.history(run_file)
+    assert [r["_step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert math.isfinite(r["train/loss"]) and 0 < r["train/loss"] < 10
+        assert r["train/lr"] > 0 and r["train/tokens_per_s"] > 0
+    assert wandb_records.config(run_file)["member.seed"] == 7

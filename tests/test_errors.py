@@ -1,0 +1,171 @@
+"""Bad input: one line naming the problem and the fix, exit status 2, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from ensemble.cli import train_main
+
+from .conftest import PYTHON, REPO, tiny_overrides
+
+
+def _fails(capsys, argv: list[str], message: str) -> str:
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no error printed"
+    last = err[-1]
+    assert last.startswith("error: "), last
+    assert message in last, last
+    return last
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"train__lrr": 1}, "unknown config key train.lrr (did you mean lr?)"),
+        ({"train__per_device_batch_size": "four"}, "train.per_device_batch_size expects int, got 'four'"),
+        ({"members__seeds": "[1, 2, 1]"}, "members.seeds has duplicate seeds [1]"),
+        (
+            {"data__text_column": "body"},
+            "text column 'body' not in the dataset; set data.text_column to one of ['title', 'text']",
+        ),
+        (
+            {"data__block_size": 128},
+            "data.block_size=128 exceeds the model's context of 64 tokens; set data.block_size <= 64",
+        ),
+        (
+            {"data__dataset": "null", "data__train_files": "[/nonexistent/train.txt]"},
+            "data.train_files: file /nonexistent/train.txt not found; fix the path",
+        ),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, capsys, datasets_cache, extra, message):
+    out = tmp_path / "run"
+    _fails(capsys, tiny_overrides(out, datasets_cache, **extra), message)
+    assert not (out / "members").exists()
+
+
+def test_test_split_too_small(tmp_path, capsys, datasets_cache, sherlock):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    argv = tiny_overrides(
+        tmp_path / "run",
+        datasets_cache,
+        data__dataset="null",
+        data__train_files=f"[{sherlock}]",
+        data__test_files=f"[{empty}]",
+        data__txt_sample_by="paragraph",
+    )
+    _fails(
+        capsys,
+        argv,
+        "the test split has 0 token(s): data.test_files hold no text; evaluation needs at least 2",
+    )
+
+
+def test_output_dir_not_writable(tmp_path, capsys, datasets_cache):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    _fails(
+        capsys,
+        tiny_overrides(blocker / "run", datasets_cache),
+        f"output.dir '{blocker / 'run'}' is not writable",
+    )
+
+
+def test_existing_run_is_never_clobbered(tmp_path, capsys, datasets_cache):
+    out = tmp_path / "run"
+    assert train_main(tiny_overrides(out, datasets_cache, members__seeds="[1]")) == 0
+    before = {p: p.read_bytes() for p in (out / "results.json", out / "members/member-0/model.safetensors")}
+    _fails(
+        capsys,
+        tiny_overrides(out, datasets_cache, members__seeds="[2]"),
+        "already holds a run (manifest.json); choose another output.dir, or pass output.overwrite=true",
+    )
+    assert all(p.read_bytes() == b for p, b in before.items())
+    # with overwrite the old run is replaced, and no stale member survives
+    assert (
+        train_main(tiny_overrides(out, datasets_cache, members__seeds="[2]", output__overwrite="true")) == 0
+    )
+    info = json.loads((out / "members/member-0/member.json").read_text())
+    assert info["seed"] == 2
+    assert json.loads((out / "results.json").read_text())["members"][0]["seed"] == 2
+
+
+def test_failed_member_leaves_no_member_directory(tmp_path, capsys, datasets_cache):
+    out = tmp_path / "run"
+    # an absurd learning rate without clipping drives the loss to inf/nan within a few steps
+    argv = tiny_overrides(
+        out,
+        datasets_cache,
+        members__seeds="[1]",
+        train__lr=1e12,
+        train__max_grad_norm="null",
+        train__max_steps=6,
+        train__logging_steps=2,
+    )
+    _fails(capsys, argv, "member-0 (seed 1): the training loss became")
+    members = out / "members"
+    assert not (members / "member-0").exists()
+    assert [p.name for p in members.iterdir()] == []  # no temporary directory either
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["members"][0]["status"] == "pending"
+    assert not (out / "results.json").exists()
+
+
+def test_crash_while_saving_leaves_nothing_that_looks_finished(tmp_path, capsys, datasets_cache, monkeypatch):
+    import ensemble.members as members_mod
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(members_mod, "atomic_write_json", broken)  # fails after the weights are written
+    out = tmp_path / "run"
+    with pytest.raises(OSError):
+        train_main(tiny_overrides(out, datasets_cache, members__seeds="[1]"))
+    assert list((out / "members").iterdir()) == []
+
+
+def test_reference_config_offline_fails_at_once_with_the_fix(tmp_path):
+    start = time.monotonic()
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "launch/train.py",
+            "--config",
+            "configs/gpt2-enlightened.yaml",
+            f"output.dir={tmp_path / 'ref'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "HF_ENDPOINT": "http://unreachable.invalid"},
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: cannot reach the Hugging Face Hub to fetch")
+    assert "gpt2" in lines[0] and "model.name_or_path=DIR" in lines[0]
+    assert elapsed < 30, f"took {elapsed:.0f}s: the Hub's retry loop was not short-circuited"
+
+
+def test_cli_prints_a_single_error_line(tmp_path):
+    proc = subprocess.run(
+        [PYTHON, "launch/train.py", "--config", "configs/tiny.yaml", "train.lrr=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown config key train.lrr (did you mean lr?); valid keys in train: adam_betas, adam_eps, "
+        "gradient_accumulation_steps, logging_steps, lr, lr_scheduler, max_grad_norm, max_steps, "
+        "mixed_precision, num_epochs, per_device_batch_size, warmup_steps, weight_decay"
+    ]

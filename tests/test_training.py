@@ -1,0 +1,90 @@
+"""Seeding and determinism: a member is a function of the config and its seed alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ensemble.cli import train_main
+from ensemble.config import ModelConfig
+from ensemble.members import build_model, fit_model_config, load_model_config
+from ensemble.tokenization import load_tokenizer
+
+from .conftest import tiny_overrides
+
+
+def _weights(member_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(member_dir / "model.safetensors")
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_initialisation_depends_on_the_seed_only():
+    cfg = ModelConfig(
+        gpt2_config={"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 16}, tokenizer="byte"
+    )
+    config = fit_model_config(cfg, load_model_config(cfg), load_tokenizer(cfg))
+    before = torch.random.get_rng_state()
+    a, b, c = (build_model(cfg, config, s).state_dict() for s in (7, 7, 8))
+    assert torch.equal(torch.random.get_rng_state(), before)  # the process RNG is left alone
+    assert _same(a, b)
+    assert not _same(a, c)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, datasets_cache):
+    """The same two-member config trained twice, plus seed 123 trained alone."""
+    root = tmp_path_factory.mktemp("determinism")
+    out = {}
+    # dropout on, so that its stream matters too
+    dropout = "{n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64, resid_pdrop: 0.1, embd_pdrop: 0.1, attn_pdrop: 0.1}"
+    for name, seeds in (("a", "[42, 123]"), ("b", "[42, 123]"), ("alone", "[123]")):
+        code = train_main(
+            tiny_overrides(root / name, datasets_cache, members__seeds=seeds, model__gpt2_config=dropout)
+        )
+        assert code == 0
+        out[name] = root / name
+    return out
+
+
+def test_same_config_and_seed_give_the_same_member(runs):
+    for i in (0, 1):
+        a = _weights(runs["a"] / "members" / f"member-{i}")
+        b = _weights(runs["b"] / "members" / f"member-{i}")
+        assert _same(a, b), f"member-{i} differs between identical runs"
+
+
+def test_different_seeds_give_different_members(runs):
+    assert not _same(_weights(runs["a"] / "members/member-0"), _weights(runs["a"] / "members/member-1"))
+
+
+def test_a_member_does_not_depend_on_the_members_trained_before_it(runs):
+    # seed 123 is the second member in "a" and the only one in "alone": no shared RNG stream
+    assert _same(_weights(runs["a"] / "members/member-1"), _weights(runs["alone"] / "members/member-0"))
+
+
+def test_training_moved_the_weights(runs, datasets_cache):
+    cfg = ModelConfig(
+        gpt2_config={
+            "n_layer": 1,
+            "n_embd": 32,
+            "n_head": 2,
+            "n_positions": 64,
+            "resid_pdrop": 0.1,
+            "embd_pdrop": 0.1,
+            "attn_pdrop": 0.1,
+        },
+        tokenizer="byte",
+    )
+    init = build_model(
+        cfg, fit_model_config(cfg, load_model_config(cfg), load_tokenizer(cfg)), 42
+    ).state_dict()
+    trained = _weights(runs["a"] / "members/member-0")
+    assert not torch.equal(
+        init["transformer.h.0.mlp.c_fc.weight"], trained["transformer.h.0.mlp.c_fc.weight"]
+    )
