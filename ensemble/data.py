@@ -21,7 +21,7 @@ import torch
 
 from .config import BUILTIN_PYTHON_DOCS, DataConfig
 from .errors import EnsembleError
-from .hub import is_local, require_hub
+from .hub import is_local, require_local_or_hub
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ def _load_source(cfg: DataConfig) -> Any:
             else:
                 loaded = datasets.load_dataset(str(path), cfg.dataset_config, cache_dir=cfg.cache_dir)
         else:
-            require_hub(
+            require_local_or_hub(
                 "dataset",
+                "data.dataset",
                 cfg.dataset,
                 "save it where the Hub is reachable (datasets.load_dataset(NAME).save_to_disk(DIR)) "
                 "and set data.dataset=DIR, or export its splits and set data.train_files/test_files",

@@ -22,6 +22,21 @@ def is_local(name: str) -> bool:
     return Path(name).expanduser().exists()
 
 
+def looks_like_path(name: str) -> bool:
+    """A name no Hub id can have (Hub ids are `name` or `namespace/name`): so it was meant as a
+    local path, and a missing one is a typo, not a reason to contact the Hub."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def require_local_or_hub(kind: str, key: str, name: str, fix: str) -> None:
+    """Check that ``name`` exists locally, or else that it can be fetched from the Hub."""
+    if is_local(name):
+        return
+    if looks_like_path(name):
+        raise EnsembleError(f"{key}: {kind} directory {name} not found; fix the path")
+    require_hub(kind, name, fix)
+
+
 def offline_mode() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 

@@ -27,7 +27,7 @@ import torch
 from .config import ExperimentConfig, ModelConfig
 from .errors import EnsembleError
 from .files import atomic_directory, atomic_write_json, atomic_write_text
-from .hub import is_local, require_hub
+from .hub import require_local_or_hub
 
 MEMBER_INFO = "member.json"
 MEMBER_DIR_RE = re.compile(r"^member-(\d+)$")
@@ -60,13 +60,13 @@ def load_model_config(cfg: ModelConfig) -> Any:
 
     if not cfg.name_or_path:
         return GPT2Config(**cfg.gpt2_config)
-    if not is_local(cfg.name_or_path):
-        require_hub(
-            "model",
-            cfg.name_or_path,
-            "save it where the Hub is reachable (AutoModelForCausalLM.from_pretrained(NAME)"
-            ".save_pretrained(DIR)) and set model.name_or_path=DIR",
-        )
+    require_local_or_hub(
+        "model",
+        "model.name_or_path",
+        cfg.name_or_path,
+        "save it where the Hub is reachable (AutoModelForCausalLM.from_pretrained(NAME)"
+        ".save_pretrained(DIR)) and set model.name_or_path=DIR",
+    )
     try:
         return AutoConfig.from_pretrained(cfg.name_or_path)
     except (OSError, ValueError) as e:

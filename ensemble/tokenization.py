@@ -17,7 +17,7 @@ from typing import Any
 from .config import BPE_TOKENIZER, BYTE_TOKENIZER, ModelConfig
 from .errors import EnsembleError
 from .files import atomic_directory
-from .hub import is_local, require_hub
+from .hub import require_local_or_hub
 
 EOS = "<|endoftext|>"
 
@@ -72,13 +72,13 @@ def load_pretrained_tokenizer(name: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     name = str(name)
-    if not is_local(name):
-        require_hub(
-            "tokenizer",
-            name,
-            "save it where the Hub is reachable (AutoTokenizer.from_pretrained(NAME)"
-            ".save_pretrained(DIR)) and set model.tokenizer=DIR",
-        )
+    require_local_or_hub(
+        "tokenizer",
+        "model.tokenizer",
+        name,
+        "save it where the Hub is reachable (AutoTokenizer.from_pretrained(NAME)"
+        ".save_pretrained(DIR)) and set model.tokenizer=DIR",
+    )
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:

@@ -87,13 +87,22 @@ def resolve_block_size(cfg: ExperimentConfig, model_config: Any) -> int:
     return block_size
 
 
+def use_cpu() -> bool:
+    """Whether this run is on CPU. Accelerate only recognises several CPU processes (torchrun,
+    srun, `accelerate launch` with MULTI_CPU) as one gloo job when told it is on CPU; otherwise
+    each rank would believe it is alone and train every member into the same directory."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
 def resolve_mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher != "no":
         return launcher  # chosen with `accelerate launch --mixed_precision`
-    if torch.cuda.is_available():
+    if not use_cpu():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
 
@@ -130,6 +139,7 @@ def train_member(
 
     t = cfg.train
     accelerator = Accelerator(
+        cpu=use_cpu(),
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=resolve_mixed_precision(t.mixed_precision),
         log_with=make_trackers(cfg, spec.name, paths.logs) or None,
@@ -138,6 +148,17 @@ def train_member(
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=spec.seed),
         step_scheduler_with_optimizer=False,
     )
+    if (
+        accelerator.device.type == "cpu"
+        and torch.get_num_threads() == 1
+        and (os.cpu_count() or 1) > accelerator.num_processes
+    ):
+        logger.warning(
+            "training on CPU with 1 thread while %d cores are available; `accelerate launch` sets "
+            "OMP_NUM_THREADS=1 unless its config has use_cpu: true (see configs/accelerate/cpu.yaml) "
+            "or --num_cpu_threads_per_process is given",
+            os.cpu_count(),
+        )
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     # Dropout draws from the process RNG: seed it from the member (and rank, so data-parallel
     # replicas drop different units) and restore it afterwards, so members do not share a stream.
@@ -181,7 +202,10 @@ def train_member(
         )
         logger.info("%s saved to %s", spec.name, paths.member(spec))
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # Not accelerator.end_training(): it also destroys the process group, which the next member
+    # and the evaluation still need. train_run tears the group down once, at the end.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     accelerator.free_memory()
     return summary
 
@@ -250,6 +274,7 @@ def _loop(
     return {
         "steps": step,
         "epochs": epochs,
+        "processes": accelerator.num_processes,
         "tokens": tokens,
         "seconds": round(seconds, 3),
         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
@@ -271,7 +296,7 @@ def train_run(cfg: ExperimentConfig) -> dict[str, Any]:
     """Check everything, prepare the data once, train every member, evaluate the ensemble."""
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=use_cpu())
     paths = RunPaths(Path(cfg.output.dir))
     # Cheap checks first: a mistake should cost seconds, not a dataset download.
     check_output_dir(paths, cfg.output.overwrite)
@@ -318,4 +343,5 @@ def train_run(cfg: ExperimentConfig) -> dict[str, Any]:
             prepared=data,
         )
     state.wait_for_everyone()
+    state.destroy_process_group()
     return results

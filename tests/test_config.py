@@ -35,8 +35,10 @@ def test_every_yaml_in_configs_loads(path: Path):
         cfg = load_config(path)
         assert cfg.members.seeds
     elif path.parent.name == "accelerate":
-        assert raw["compute_environment"] == "LOCAL_MACHINE"
-        assert int(raw["num_processes"]) >= 1
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        launcher = load_config_from_file(str(path))  # Accelerate's own loader rejects unknown keys
+        assert launcher.num_processes >= 1
 
 
 def test_reference_config_matches_the_reference_setup():

@@ -186,3 +186,16 @@ def test_tokenized_splits_are_cached(tmp_path, byte_tok, sherlock):
     second = prepare_data(cfg, byte_tok, 64, ("test",))
     assert sorted(p.name for p in cache.rglob("cache-*.arrow")) == arrow_files  # reused, not rewritten
     assert first.fingerprint() == second.fingerprint()
+
+
+def test_csv_and_parquet_files(tmp_path, byte_tok, datasets_cache):
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": [1, 2, 3], "body": ["alpha", "beta", "gamma"]})
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    frame.to_parquet(tmp_path / "t.parquet")
+    eos = byte_tok.eos_token_id
+    expected = [t for word in ("alpha", "beta", "gamma") for t in [b + 3 for b in word.encode()] + [eos]]
+    for name in ("t.csv", "t.parquet"):
+        cfg = DataConfig(test_files=[str(tmp_path / name)], cache_dir=str(datasets_cache))
+        assert prepare_data(cfg, byte_tok, 8, ("test",)).streams["test"].tolist() == expected, name

@@ -178,3 +178,31 @@ def test_wandb_without_credentials_runs_offline_and_records_metrics(tmp_path, da
         assert math.isfinite(r["train/loss"]) and 0 < r["train/loss"] < 10
         assert r["train/lr"] > 0 and r["train/tokens_per_s"] > 0
     assert wandb_records.config(run_file)["member.seed"] == 7
+
+
+def test_torchrun_processes_form_one_job_on_cpu(tmp_path, datasets_cache):
+    """Several CPU ranks must train each member together (gloo), not each on its own."""
+    torchrun = Path(PYTHON).with_name("torchrun")
+    out = tmp_path / "run"
+    proc = _run(
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "launch/train.py",
+            "--config",
+            "configs/tiny.yaml",
+            "model.gpt2_config={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64}",
+            "data.block_size=64",
+            f"data.cache_dir={datasets_cache}",
+            "members.seeds=[3, 4]",
+            "train.max_steps=3",
+            "train.logging_steps=1",
+            "tracking.report_to=[none]",
+            f"output.dir={out}",
+        ]
+    )
+    for i in (0, 1):
+        training = json.loads((out / "members" / f"member-{i}" / "member.json").read_text())["training"]
+        assert (training["processes"], training["steps"]) == (2, 3)
+    assert proc.stdout.count("| **Ensemble**") == 1  # evaluated once, by the main process

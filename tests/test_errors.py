@@ -169,3 +169,50 @@ def test_cli_prints_a_single_error_line(tmp_path):
         "gradient_accumulation_steps, logging_steps, lr, lr_scheduler, max_grad_norm, max_steps, "
         "mixed_precision, num_epochs, per_device_batch_size, warmup_steps, weight_decay"
     ]
+
+
+def test_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, capsys, datasets_cache):
+    _fails(
+        capsys,
+        tiny_overrides(tmp_path / "run", datasets_cache, data__dataset="./no-such-dir"),
+        "data.dataset: dataset directory ./no-such-dir not found; fix the path",
+    )
+    _fails(
+        capsys,
+        tiny_overrides(tmp_path / "run", datasets_cache, model__tokenizer="/no/such/tokenizer"),
+        "model.tokenizer: tokenizer directory /no/such/tokenizer not found; fix the path",
+    )
+
+
+def test_hub_dataset_offline_fails_at_once(tmp_path, capsys, datasets_cache, monkeypatch):
+    from ensemble import hub
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://unreachable.invalid")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hub.hub_reachable.cache_clear()
+    try:
+        start = time.monotonic()
+        _fails(
+            capsys,
+            tiny_overrides(tmp_path / "run", datasets_cache, data__dataset="someone/some-data"),
+            "cannot reach the Hugging Face Hub to fetch dataset 'someone/some-data' (unreachable.invalid:80",
+        )
+        assert time.monotonic() - start < 30
+    finally:
+        hub.hub_reachable.cache_clear()
+
+
+def test_evaluate_errors(tmp_path, capsys):
+    from ensemble.cli import evaluate_main
+
+    def fails(argv: list[str], message: str) -> None:
+        assert evaluate_main(argv) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, last
+
+    fails([str(tmp_path / "nope")], f"run directory {tmp_path / 'nope'} not found")
+    (tmp_path / "empty-run").mkdir()
+    fails([str(tmp_path / "empty-run")], "holds no finished members")
+    fails([], "give either a run directory or --members")
+    (tmp_path / "m").mkdir()
+    fails(["--members", str(tmp_path / "m")], "config " + str(tmp_path / "m" / "config.yaml") + " not found")

@@ -24,6 +24,13 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _tiny_model(gpt2_config: str) -> tuple[ModelConfig, object]:
+    import yaml
+
+    cfg = ModelConfig(gpt2_config=yaml.safe_load(gpt2_config), tokenizer="byte")
+    return cfg, fit_model_config(cfg, load_model_config(cfg), load_tokenizer(cfg))
+
+
 def test_initialisation_depends_on_the_seed_only():
     cfg = ModelConfig(
         gpt2_config={"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 16}, tokenizer="byte"
@@ -88,3 +95,34 @@ def test_training_moved_the_weights(runs, datasets_cache):
     assert not torch.equal(
         init["transformer.h.0.mlp.c_fc.weight"], trained["transformer.h.0.mlp.c_fc.weight"]
     )
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path, datasets_cache):
+    """2 micro-batches of 2 per step must train like one batch of 4 (dropout off)."""
+    model = (
+        "{n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64, resid_pdrop: 0, embd_pdrop: 0, attn_pdrop: 0}"
+    )
+    common = {"members__seeds": "[5]", "model__gpt2_config": model, "train__max_steps": 6}
+    assert (
+        train_main(tiny_overrides(tmp_path / "big", datasets_cache, train__per_device_batch_size=4, **common))
+        == 0
+    )
+    assert (
+        train_main(
+            tiny_overrides(
+                tmp_path / "acc",
+                datasets_cache,
+                train__per_device_batch_size=2,
+                train__gradient_accumulation_steps=2,
+                **common,
+            )
+        )
+        == 0
+    )
+    big = _weights(tmp_path / "big/members/member-0")
+    acc = _weights(tmp_path / "acc/members/member-0")
+    init = build_model(*_tiny_model(model), 5).state_dict()
+    key = "transformer.h.0.mlp.c_fc.weight"
+    assert not torch.equal(big[key], init[key])
+    for k in big:
+        torch.testing.assert_close(acc[k], big[k], rtol=1e-4, atol=1e-5)
