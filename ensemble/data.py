@@ -8,6 +8,7 @@ test token is dropped; in a block, position t predicts token t+1. Training uses 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import string
@@ -328,8 +329,10 @@ class PreparedData:
     def eval_blocks(self, split: str) -> EvalBlocks:
         return EvalBlocks(self.streams[split], self.block_size)
 
+    @functools.cached_property
     def fingerprint(self) -> dict[str, Any]:
-        """Content hashes of the token streams: equal fingerprints mean identical data."""
+        """Content hashes of the token streams: equal fingerprints mean identical data.
+        Computed once (it hashes every token)."""
         return {
             "source": self.source,
             "block_size": self.block_size,

@@ -187,7 +187,7 @@ def evaluate(
     per_member, ensemble = evaluate_members(
         members, blocks, eval_cfg.per_device_batch_size, eval_cfg.chunk_tokens, device
     )
-    fingerprint = prepared.fingerprint()
+    fingerprint = prepared.fingerprint
     results = results_dict(
         members,
         per_member,

@@ -196,7 +196,7 @@ def train_member(
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # collective under sharding: every rank calls it
     if accelerator.is_main_process:
-        info = {"training": summary, "data_fingerprint": data.fingerprint()}
+        info = {"training": summary, "data_fingerprint": data.fingerprint}
         save_member(
             paths.member(spec), accelerator.unwrap_model(model), tokenizer, spec, cfg, info, state_dict
         )
@@ -323,13 +323,13 @@ def train_run(cfg: ExperimentConfig) -> dict[str, Any]:
         remove_stale_tmp(paths.members)
         remove_stale_tmp(paths.root)
         atomic_write_text(paths.config, cfg.to_yaml())
-        write_manifest(paths, specs, data.fingerprint())
+        write_manifest(paths, specs, data.fingerprint)
     state.wait_for_everyone()
 
     for spec in plan_members(specs):
         train_member(cfg, spec, data, tokenizer, model_config, paths)
         if state.is_main_process:
-            write_manifest(paths, specs, data.fingerprint())
+            write_manifest(paths, specs, data.fingerprint)
 
     results: dict[str, Any] = {}
     if state.is_main_process:

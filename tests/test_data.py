@@ -185,7 +185,7 @@ def test_tokenized_splits_are_cached(tmp_path, byte_tok, sherlock):
     assert arrow_files, "datasets.map wrote no cache file"
     second = prepare_data(cfg, byte_tok, 64, ("test",))
     assert sorted(p.name for p in cache.rglob("cache-*.arrow")) == arrow_files  # reused, not rewritten
-    assert first.fingerprint() == second.fingerprint()
+    assert first.fingerprint == second.fingerprint
 
 
 def test_csv_and_parquet_files(tmp_path, byte_tok, datasets_cache):
