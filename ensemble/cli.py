@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -22,7 +21,17 @@ USER_ERROR = 2
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    from .distributed import launch_info
+
+    return launch_info().rank
+
+
+def _where() -> str:
+    """`[rank r/W] ` in a multi-process job, else nothing."""
+    from .distributed import launch_info
+
+    launch = launch_info()
+    return f"[rank {launch.rank}/{launch.world_size}] " if launch.distributed else ""
 
 
 def setup_logging() -> None:
@@ -50,11 +59,17 @@ def guarded(main: Callable[[Sequence[str] | None], object]) -> Callable[[Sequenc
         try:
             main(argv)
         except EnsembleError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {_where()}{e}", file=sys.stderr, flush=True)
             return USER_ERROR
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        except Exception as e:
+            # In a multi-process job, say at once which rank failed and why, before the
+            # traceback and before the launcher stops the other ranks.
+            if _where():
+                print(f"error: {_where()}{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            raise
         return 0
 
     return run

@@ -174,6 +174,39 @@ class MembersConfig:
 
 
 @dataclass
+class ParallelConfig:
+    placement: Literal["auto", "parallel", "sequential"] = "auto"
+    """How members share the launched processes. `parallel`: the ranks form groups, each group
+    trains its own members (in rounds when there are more members than groups), data-parallel
+    inside the group. `sequential`: all ranks train each member in turn. `auto`: `parallel` when a
+    member fits its group's devices, else `sequential`."""
+
+    group_size: int | None = None
+    """Ranks per group under `parallel` (a divisor of the number of processes). Empty: as many
+    groups as there are members, or fewer so that every group has the same number of ranks."""
+
+    groups_within_node: bool = False
+    """Require every group to sit on one node: the group size must divide the processes per node."""
+
+    deepspeed: str | None = None
+    """DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json) for launchers other than
+    `accelerate launch`; with `accelerate launch`, the launcher config's deepspeed_config_file is
+    used. Its "auto" values are filled from train.* (batch size, accumulation, clipping)."""
+
+    timeout_s: int = 900
+    """Seconds before a collective (or the start-up rendezvous) gives up. A rank waiting for a
+    crashed peer fails after this instead of hanging."""
+
+    def validate(self) -> None:
+        if self.group_size is not None and self.group_size < 1:
+            raise ConfigError(f"parallel.group_size={self.group_size} must be at least 1")
+        if self.timeout_s < 1:
+            raise ConfigError(f"parallel.timeout_s={self.timeout_s} must be at least 1")
+        if self.placement == "sequential" and self.group_size is not None:
+            raise ConfigError("parallel.group_size applies to placement=parallel or auto, not sequential")
+
+
+@dataclass
 class TrainConfig:
     num_epochs: int = 1
     """Passes over the training blocks (ignored when max_steps is set)."""
@@ -214,7 +247,11 @@ class TrainConfig:
     `accelerate launch --mixed_precision` says)."""
 
     logging_steps: int = 10
-    """Log loss, learning rate and tokens/s every this many optimizer steps."""
+    """Log loss, learning rate, tokens/s and MFU every this many optimizer steps."""
+
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device, for MFU. Empty: a table of known GPUs at the precision in use,
+    or on CPU a measured float32 matmul rate."""
 
     def validate(self) -> None:
         positive = {
@@ -238,6 +275,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.adam_betas={self.adam_betas} must be two numbers in [0, 1), e.g. [0.9,0.999]"
             )
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"train.peak_tflops={self.peak_tflops} must be positive (or null)")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(
                 f"train.max_grad_norm={self.max_grad_norm} must be positive (or null to disable)"
@@ -304,6 +343,9 @@ class ExperimentConfig:
 
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation of each member."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How members are placed on the launched processes; DeepSpeed."""
 
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Ensemble evaluation."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import platform
 import re
 from dataclasses import dataclass
@@ -100,6 +101,20 @@ def context_length(model_config: Any) -> int:
     raise EnsembleError("cannot tell the model's context length; set data.block_size explicitly")
 
 
+def count_parameters(model_config: Any, position_embeddings: bool = True) -> int:
+    """Parameters of the model a config describes, counted without allocating them (a tied
+    embedding once)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if position_embeddings or not ("wpe" in name or "position" in name)
+    )
+
+
 def build_model(cfg: ModelConfig, model_config: Any, seed: int) -> torch.nn.Module:
     """A fresh member: pretrained weights, or a new model whose initialisation draws from a
     generator seeded with the member's seed (and from nothing else)."""
@@ -172,7 +187,12 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def write_manifest(paths: RunPaths, specs: list[MemberSpec], data_fingerprint: dict[str, Any]) -> None:
+def write_manifest(
+    paths: RunPaths,
+    specs: list[MemberSpec],
+    data_fingerprint: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Record the run's members and their status (complete once their directory exists)."""
     members = []
     for spec in specs:
@@ -194,6 +214,7 @@ def write_manifest(paths: RunPaths, specs: list[MemberSpec], data_fingerprint: d
             "members": members,
             "data_fingerprint": data_fingerprint,
             "versions": library_versions(),
+            **(extra or {}),
         },
     )
 
@@ -214,12 +235,26 @@ def save_member(
     """Write a member in Hugging Face format, atomically (complete or absent, never partial)."""
     with atomic_directory(dest) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if not any(tmp.glob("*.safetensors")) or not has_weights(tmp):
+            # e.g. a sharded (ZeRO-3) model saved without gathering its weights
+            raise EnsembleError(f"saving {spec.name} wrote no weights; it was not saved")
         tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / "config.yaml", cfg.to_yaml())
         # member.json last: its presence marks the directory as a finished member.
         atomic_write_json(
             tmp / MEMBER_INFO, {"name": spec.name, "index": spec.index, "seed": spec.seed, **info}
         )
+
+
+def has_weights(member_dir: Path) -> bool:
+    """Whether a member directory's safetensors hold at least one non-empty tensor."""
+    from safetensors import safe_open
+
+    for file in Path(member_dir).glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            if any(math.prod(f.get_slice(k).get_shape()) > 0 for k in f.keys()):
+                return True
+    return False
 
 
 def find_members(run_dir: Path) -> list[Path]:

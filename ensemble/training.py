@@ -1,6 +1,6 @@
 """Training: the run (checks, data, members, evaluation) and one member's Accelerate loop.
 
-`train_run` decides *which* members this process trains (`plan_members`) and hands each to
+`train_run` decides *which* members this process trains (a `placement.Layout`) and hands each to
 `train_member`, which knows nothing about placement: it trains the member it is given on the
 processes of its Accelerator.
 """
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import ExperimentConfig
 from .data import PreparedData, iter_texts, load_splits, prepare_data
+from .distributed import Worlds, accelerator_kwargs, launch_info, on_cpu, reset_accelerate_state, state_kwargs
 from .errors import EnsembleError
 from .evaluation import evaluate
 from .files import atomic_write_text, remove_stale_tmp
@@ -29,6 +30,7 @@ from .members import (
     RunPaths,
     build_model,
     context_length,
+    count_parameters,
     find_members,
     fit_model_config,
     load_model_config,
@@ -36,9 +38,12 @@ from .members import (
     save_member,
     write_manifest,
 )
+from .placement import device_memory_bytes, estimate_bytes_per_device, plan_layout
 from .reporting import RESULTS_JSON, RESULTS_MD
+from .throughput import flops_per_token, mfu, peak_tflops
 from .tokenization import load_pretrained_tokenizer, load_tokenizer, needs_training_text
 from .tracking import flat_config, make_trackers
+from .zero import ZeroSetup, check_batch, load_zero, make_plugin
 
 logger = logging.getLogger(__name__)
 
@@ -87,22 +92,13 @@ def resolve_block_size(cfg: ExperimentConfig, model_config: Any) -> int:
     return block_size
 
 
-def use_cpu() -> bool:
-    """Whether this run is on CPU. Accelerate only recognises several CPU processes (torchrun,
-    srun, `accelerate launch` with MULTI_CPU) as one gloo job when told it is on CPU; otherwise
-    each rank would believe it is alone and train every member into the same directory."""
-    from accelerate.utils import parse_flag_from_env
-
-    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-
-
 def resolve_mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher != "no":
         return launcher  # chosen with `accelerate launch --mixed_precision`
-    if not use_cpu():
+    if not on_cpu():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
 
@@ -131,17 +127,28 @@ def train_member(
     tokenizer: Any,
     model_config: Any,
     paths: RunPaths,
+    zero: ZeroSetup | None = None,
+    flops: float | None = None,
 ) -> dict[str, Any]:
-    """Train one member on this Accelerator's processes and save it. Returns its training summary."""
+    """Train one member on the processes of the current world and save it. Returns its
+    training summary. Knows nothing of placement: the world it runs in is its group."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
     from transformers import get_scheduler
 
     t = cfg.train
+    mixed_precision = resolve_mixed_precision(t.mixed_precision)
+    flops = flops or flops_per_token(model_config, data.block_size)
+    reset_accelerate_state()  # one Accelerator (and DeepSpeed plugin) per member
+    # Built before the Accelerator: once a ZeRO-3 plugin is registered, transformers would build
+    # under zero.Init, which initialises differently, and the member would no longer equal its
+    # single-process twin. Every rank builds the same full model from the seed; DeepSpeed shards it.
+    model = build_model(cfg.model, model_config, spec.seed)
     accelerator = Accelerator(
-        cpu=use_cpu(),
+        **accelerator_kwargs(deepspeed=zero is not None, timeout_s=cfg.parallel.timeout_s),
+        deepspeed_plugin=make_plugin(zero, cfg) if zero else None,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        mixed_precision=resolve_mixed_precision(t.mixed_precision),
+        mixed_precision=mixed_precision,
         log_with=make_trackers(cfg, spec.name, paths.logs) or None,
         # The sampler's order depends on the member's seed and the epoch only, so it is the
         # same on every rank and after a restart.
@@ -151,7 +158,7 @@ def train_member(
     if (
         accelerator.device.type == "cpu"
         and torch.get_num_threads() == 1
-        and (os.cpu_count() or 1) > accelerator.num_processes
+        and (os.cpu_count() or 1) > launch_info().local_world_size
     ):
         logger.warning(
             "training on CPU with 1 thread while %d cores are available; `accelerate launch` sets "
@@ -164,7 +171,6 @@ def train_member(
     # replicas drop different units) and restore it afterwards, so members do not share a stream.
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(spec.seed + accelerator.process_index)
-        model = build_model(cfg.model, model_config, spec.seed)
         loader = DataLoader(data.train_blocks(), batch_size=t.per_device_batch_size, shuffle=True)
         model, optimizer, loader = accelerator.prepare(model, _optimizer(model, cfg), loader)
         steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
@@ -180,21 +186,39 @@ def train_member(
             )
         scheduler = accelerator.prepare(get_scheduler(t.lr_scheduler, optimizer, t.warmup_steps, total_steps))
         accelerator.init_trackers(cfg.tracking.project, config={"member.seed": spec.seed, **flat_config(cfg)})
+        ranks = accelerator.gather(torch.tensor([launch_info().rank], device=accelerator.device)).tolist()
+        peak, peak_source = peak_tflops(accelerator.device, mixed_precision, t.peak_tflops)
         logger.info(
-            "%s (seed %d): %d blocks of %d tokens, %d optimizer steps on %d process(es)",
+            "%s (seed %d) on rank(s) %s%s: %d blocks of %d tokens, %d optimizer steps; %.3g FLOPs/token, "
+            "peak %s TFLOP/s per device (%s)",
             spec.name,
             spec.seed,
+            ranks,
+            f" with ZeRO-{zero.stage}" if zero else "",
             len(loader.dataset),
             data.block_size,
             total_steps,
-            accelerator.num_processes,
+            flops,
+            f"{peak:.3g}" if peak else "?",
+            peak_source,
         )
+        throughput = {"flops_per_token": flops, "peak_tflops": peak}
         summary = _loop(
-            accelerator, model, optimizer, loader, scheduler, cfg, spec, total_steps, steps_per_epoch
+            accelerator,
+            model,
+            optimizer,
+            loader,
+            scheduler,
+            cfg,
+            spec,
+            total_steps,
+            steps_per_epoch,
+            throughput,
         )
+    summary.update(ranks=ranks, zero_stage=zero.stage if zero else None, peak_source=peak_source)
 
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # collective under sharding: every rank calls it
+    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3: every rank calls it
     if accelerator.is_main_process:
         info = {"training": summary, "data_fingerprint": data.fingerprint}
         save_member(
@@ -203,15 +227,24 @@ def train_member(
         logger.info("%s saved to %s", spec.name, paths.member(spec))
     accelerator.wait_for_everyone()
     # Not accelerator.end_training(): it also destroys the process group, which the next member
-    # and the evaluation still need. train_run tears the group down once, at the end.
+    # and the evaluation still need. train_run tears the worlds down at the end.
     for tracker in accelerator.trackers:
         tracker.finish()
     accelerator.free_memory()
+    reset_accelerate_state()
     return summary
 
 
+def _inject_fault(spec: MemberSpec, step: int) -> None:
+    """Testing hook: ENSEMBLE_FAIL_MEMBER="<member index>:<step>" makes that member raise at
+    that optimizer step, so tests can check that one failing member ends the whole job."""
+    target = os.environ.get("ENSEMBLE_FAIL_MEMBER")
+    if target and target == f"{spec.index}:{step}":
+        raise RuntimeError(f"injected failure in {spec.name} at step {step} (ENSEMBLE_FAIL_MEMBER)")
+
+
 def _loop(
-    accelerator, model, optimizer, loader, scheduler, cfg, spec, total_steps, steps_per_epoch
+    accelerator, model, optimizer, loader, scheduler, cfg, spec, total_steps, steps_per_epoch, throughput
 ) -> dict[str, Any]:
     t = cfg.train
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -226,7 +259,7 @@ def _loop(
         total=total_steps,
         desc=f"{spec.name} (seed {spec.seed})",
         unit="step",
-        disable=not accelerator.is_local_main_process,
+        disable=not accelerator.is_main_process,  # one bar per member, from its group's first rank
     ) as progress:
         for _epoch in range(epochs):
             for batch in loader:
@@ -246,6 +279,7 @@ def _loop(
                     continue
                 step += 1
                 progress.update(1)
+                _inject_fault(spec, step)
                 if step % t.logging_steps == 0 or step == total_steps:
                     mean_loss = accelerator.reduce(window_loss / window_batches, "mean").item()
                     if not math.isfinite(mean_loss):
@@ -255,12 +289,21 @@ def _loop(
                         )
                     now = time.perf_counter()
                     tokens += window_tokens
+                    tokens_per_s = window_tokens / (now - window_start)
                     metrics = {
                         "train/loss": mean_loss,
                         "train/lr": scheduler.get_last_lr()[0],
-                        "train/tokens_per_s": window_tokens / (now - window_start),
+                        "train/tokens_per_s": tokens_per_s,
                         "train/epoch": step / steps_per_epoch,
                     }
+                    utilisation = mfu(
+                        throughput["flops_per_token"],
+                        tokens_per_s,
+                        throughput["peak_tflops"],
+                        accelerator.num_processes,
+                    )
+                    if utilisation is not None:
+                        metrics["train/mfu"] = utilisation
                     accelerator.log(metrics, step=step)
                     progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
                     last_loss = mean_loss
@@ -271,14 +314,19 @@ def _loop(
             if step >= total_steps:
                 break
     seconds = time.perf_counter() - start
+    tokens_per_s = tokens / seconds if seconds > 0 else 0.0
     return {
         "steps": step,
         "epochs": epochs,
         "processes": accelerator.num_processes,
         "tokens": tokens,
         "seconds": round(seconds, 3),
-        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "tokens_per_s": tokens_per_s,
         "final_loss": last_loss,
+        **throughput,
+        "mfu": mfu(
+            throughput["flops_per_token"], tokens_per_s, throughput["peak_tflops"], accelerator.num_processes
+        ),
     }
 
 
@@ -286,62 +334,121 @@ def _loop(
 # The run
 
 
-def plan_members(specs: list[MemberSpec]) -> list[MemberSpec]:
-    """Members this process trains, in order. One process (or all processes together, data
-    parallel) trains every member in turn; concurrent placement on rank groups replaces this."""
-    return specs
+def _member_fits(cfg: ExperimentConfig, model_config: Any, block_size: int, zero: ZeroSetup | None):
+    """For placement=auto: does one member fit the devices of a group of k ranks?"""
+    launch = launch_info()
+
+    def fits(group_size: int) -> bool:
+        need = estimate_bytes_per_device(
+            model_config,
+            count_parameters(model_config),
+            cfg.train.per_device_batch_size,
+            block_size,
+            group_size,
+            zero.stage if zero else 0,
+            resolve_mixed_precision(cfg.train.mixed_precision) != "no",
+        )
+        have, what = device_memory_bytes(launch.local_world_size)
+        logger.info(
+            "placement auto: a member needs ~%.2f GiB per device in groups of %d; %.2f GiB available (%s)",
+            need / 2**30,
+            group_size,
+            have / 2**30,
+            what,
+        )
+        return need <= have
+
+    return fits
 
 
 def train_run(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Check everything, prepare the data once, train every member, evaluate the ensemble."""
+    """Check everything, prepare the data once, train every member on its group of ranks,
+    evaluate the ensemble."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=use_cpu())
+    launch = launch_info()
+    zero = load_zero(cfg)
+    if zero:
+        if "LOCAL_RANK" not in os.environ:
+            raise EnsembleError(
+                "DeepSpeed needs a distributed launcher, even for one process: run with "
+                "`accelerate launch` or `torchrun`"
+            )
+        # What `accelerate launch` sets for a DeepSpeed config; without it Accelerate's process
+        # state would not treat the world as distributed (its barriers would do nothing).
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    worlds = Worlds(cfg.parallel.timeout_s)
+    worlds.join("run", launch.rank, launch.world_size)
+
+    def state() -> Any:  # re-created after each world switch, which resets Accelerate's state
+        return PartialState(**state_kwargs(deepspeed=zero is not None, timeout_s=cfg.parallel.timeout_s))
+
     paths = RunPaths(Path(cfg.output.dir))
+    specs = member_specs(cfg)
     # Cheap checks first: a mistake should cost seconds, not a dataset download.
     check_output_dir(paths, cfg.output.overwrite)
     base_config = load_model_config(cfg.model)
     block_size = resolve_block_size(cfg, base_config)
+    layout = plan_layout(
+        cfg.parallel, launch.world_size, len(specs), launch.local_world_size,
+        fits=_member_fits(cfg, base_config, block_size, zero),
+    )  # fmt: skip
+    if zero:
+        check_batch(zero, cfg, layout.group_size)
     if not needs_training_text(cfg.model):
         tokenizer = load_tokenizer(cfg.model)
-    with state.main_process_first():
+    with state().main_process_first():
         raw = load_splits(cfg.data)
         if needs_training_text(cfg.model):
             if "train" not in raw:
                 raise EnsembleError("model.tokenizer=bpe needs a training split to learn from")
-            if state.is_main_process:
+            if launch.rank == 0:
                 tokenizer = load_tokenizer(cfg.model, iter_texts(raw["train"], cfg.data), paths.tokenizer)
             else:  # the main process's tokenizer, never one trained separately
                 tokenizer = load_pretrained_tokenizer(paths.tokenizer)
         data = prepare_data(cfg.data, tokenizer, block_size, raw=raw)
     model_config = fit_model_config(cfg.model, base_config, tokenizer)
-    specs = member_specs(cfg)
-    if state.is_main_process:
+    flops = flops_per_token(model_config, block_size)  # before any DeepSpeed plugin exists
+    run_info = {"layout": {"mode": layout.mode, "processes": layout.world_size, "group_size": layout.group_size,
+                           "groups": layout.num_groups, "rounds": layout.rounds}}  # fmt: skip
+    if launch.rank == 0:
+        for line in layout.describe():
+            logger.info(line)
         if cfg.output.overwrite:
             clear_previous_run(paths)
         paths.members.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(paths.members)
         remove_stale_tmp(paths.root)
         atomic_write_text(paths.config, cfg.to_yaml())
-        write_manifest(paths, specs, data.fingerprint)
-    state.wait_for_everyone()
+        write_manifest(paths, specs, data.fingerprint, run_info)
+    state().wait_for_everyone()
 
-    for spec in plan_members(specs):
-        train_member(cfg, spec, data, tokenizer, model_config, paths)
-        if state.is_main_process:
-            write_manifest(paths, specs, data.fingerprint)
+    group = layout.group_of(launch.rank)
+    if layout.num_groups > 1:
+        worlds.join(f"group-{group}", layout.rank_in_group(launch.rank), layout.group_size)
+    # INFO from each group's first rank (its member's progress), warnings from every rank.
+    logging.getLogger().setLevel(logging.INFO if layout.rank_in_group(launch.rank) == 0 else logging.WARNING)
+    started = time.perf_counter()
+    for index in layout.members_of(group):
+        train_member(cfg, specs[index], data, tokenizer, model_config, paths, zero, flops)
+    if layout.num_groups > 1:
+        worlds.join("evaluate", launch.rank, launch.world_size)
+    state().wait_for_everyone()
+    run_info["timing"] = {"train_seconds": round(time.perf_counter() - started, 3)}
+    logging.getLogger().setLevel(logging.INFO if launch.rank == 0 else logging.WARNING)
 
     results: dict[str, Any] = {}
-    if state.is_main_process:
+    if launch.rank == 0:
+        write_manifest(paths, specs, data.fingerprint, run_info)
         results = evaluate(
             [paths.member(s) for s in specs],
             cfg.data,
             cfg.eval,
             cfg.eval.split,
             paths.root,
-            state.device,
+            state().device,
             prepared=data,
         )
-    state.wait_for_everyone()
-    state.destroy_process_group()
+    state().wait_for_everyone()
+    worlds.close()
     return results

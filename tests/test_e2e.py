@@ -181,7 +181,7 @@ def test_wandb_without_credentials_runs_offline_and_records_metrics(tmp_path, da
 
 
 def test_torchrun_processes_form_one_job_on_cpu(tmp_path, datasets_cache):
-    """Several CPU ranks must train each member together (gloo), not each on its own."""
+    """Several CPU ranks must train a member together (gloo), not each on its own."""
     torchrun = Path(PYTHON).with_name("torchrun")
     out = tmp_path / "run"
     proc = _run(
@@ -200,9 +200,10 @@ def test_torchrun_processes_form_one_job_on_cpu(tmp_path, datasets_cache):
             "train.logging_steps=1",
             "tracking.report_to=[none]",
             f"output.dir={out}",
+            "parallel.placement=sequential",
         ]
     )
     for i in (0, 1):
         training = json.loads((out / "members" / f"member-{i}" / "member.json").read_text())["training"]
-        assert (training["processes"], training["steps"]) == (2, 3)
+        assert (training["processes"], training["ranks"], training["steps"]) == (2, [0, 1], 3)
     assert proc.stdout.count("| **Ensemble**") == 1  # evaluated once, by the main process

@@ -167,7 +167,7 @@ def test_cli_prints_a_single_error_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: unknown config key train.lrr (did you mean lr?); valid keys in train: adam_betas, adam_eps, "
         "gradient_accumulation_steps, logging_steps, lr, lr_scheduler, max_grad_norm, max_steps, "
-        "mixed_precision, num_epochs, per_device_batch_size, warmup_steps, weight_decay"
+        "mixed_precision, num_epochs, peak_tflops, per_device_batch_size, warmup_steps, weight_decay"
     ]
 
 

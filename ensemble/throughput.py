@@ -1,0 +1,78 @@
+"""Tokens/s and model FLOPs utilisation (MFU).
+
+FLOPs per trained token (forward + backward) = 6·N + 6·L·C·T, where N counts the parameters
+except position embeddings (the tied token embedding once: it is also the output layer), L is
+the number of layers, C the model width and T the block size. The first term is the matmuls
+with the weights, the second attention's score and value products (causal: half of 12·L·C·T).
+
+MFU = FLOPs per token x tokens/s / (peak FLOP/s per device x devices). The peak is
+`train.peak_tflops` when set; else the dense peak of a known GPU at the precision in use; on
+CPU, the float32 matmul rate measured once per process (so MFU there is relative to what this
+CPU reaches on a large matmul, not a datasheet number).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch
+
+# Dense (no sparsity) peak TFLOP/s per device, from NVIDIA's datasheets.
+GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},  # SXM
+    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.1, "fp16": 362.1, "fp32": 91.6},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    "V100": {"fp16": 125.0, "fp32": 15.7},
+}
+
+
+def flops_per_token(model_config: Any, block_size: int) -> float:
+    """6·N + 6·L·C·T for the model a config describes (counted on the meta device, so it does
+    not depend on how the weights are sharded)."""
+    from .members import count_parameters
+
+    n = count_parameters(model_config, position_embeddings=False)
+    layers = getattr(model_config, "n_layer", None) or model_config.num_hidden_layers
+    width = getattr(model_config, "n_embd", None) or model_config.hidden_size
+    return 6.0 * n + 6.0 * layers * width * block_size
+
+
+@functools.cache
+def measured_cpu_tflops(size: int = 1024, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
+def peak_tflops(
+    device: torch.device, mixed_precision: str, override: float | None
+) -> tuple[float | None, str]:
+    """(peak TFLOP/s of one device, where the number comes from); None when unknown."""
+    if override:
+        return override, "train.peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        precision = mixed_precision if mixed_precision in ("bf16", "fp16") else "fp32"
+        for key, table in GPU_PEAK_TFLOPS.items():  # the more specific names come first
+            if key in name and precision in table:
+                return table[precision], f"{name} {precision} dense datasheet peak"
+        return None, f"unknown peak for {name}; set train.peak_tflops"
+    if device.type == "cpu":
+        return measured_cpu_tflops(), f"measured float32 matmul on CPU ({torch.get_num_threads()} threads)"
+    return None, f"unknown peak for {device.type}; set train.peak_tflops"
+
+
+def mfu(flops_per_tok: float, tokens_per_s: float, peak: float | None, devices: int) -> float | None:
+    if not peak:
+        return None
+    return flops_per_tok * tokens_per_s / (peak * 1e12 * devices)
