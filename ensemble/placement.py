@@ -70,6 +70,11 @@ class Layout:
         """Member indices that ``group`` trains, in order (one per round)."""
         return list(range(group, self.num_members, self.num_groups))
 
+    def summary(self) -> dict[str, Any]:
+        """For manifest.json."""
+        return {"mode": self.mode, "processes": self.world_size, "group_size": self.group_size,
+                "groups": self.num_groups, "rounds": self.rounds}  # fmt: skip
+
     def describe(self) -> list[str]:
         """One line per group, for the log."""
         lines = [

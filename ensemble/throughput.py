@@ -44,7 +44,10 @@ def flops_per_token(model_config: Any, block_size: int) -> float:
 
 @functools.cache
 def measured_cpu_tflops(size: int = 1024, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    # A private generator: drawing from the process RNG here would shift the random stream of
+    # the member being trained (its dropout) depending on whether it is the first in the process.
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):

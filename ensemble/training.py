@@ -166,6 +166,7 @@ def train_member(
             "or --num_cpu_threads_per_process is given",
             os.cpu_count(),
         )
+    peak, peak_source = peak_tflops(accelerator.device, mixed_precision, t.peak_tflops)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     # Dropout draws from the process RNG: seed it from the member (and rank, so data-parallel
     # replicas drop different units) and restore it afterwards, so members do not share a stream.
@@ -187,7 +188,6 @@ def train_member(
         scheduler = accelerator.prepare(get_scheduler(t.lr_scheduler, optimizer, t.warmup_steps, total_steps))
         accelerator.init_trackers(cfg.tracking.project, config={"member.seed": spec.seed, **flat_config(cfg)})
         ranks = accelerator.gather(torch.tensor([launch_info().rank], device=accelerator.device)).tolist()
-        peak, peak_source = peak_tflops(accelerator.device, mixed_precision, t.peak_tflops)
         logger.info(
             "%s (seed %d) on rank(s) %s%s: %d blocks of %d tokens, %d optimizer steps; %.3g FLOPs/token, "
             "peak %s TFLOP/s per device (%s)",
@@ -409,8 +409,7 @@ def train_run(cfg: ExperimentConfig) -> dict[str, Any]:
         data = prepare_data(cfg.data, tokenizer, block_size, raw=raw)
     model_config = fit_model_config(cfg.model, base_config, tokenizer)
     flops = flops_per_token(model_config, block_size)  # before any DeepSpeed plugin exists
-    run_info = {"layout": {"mode": layout.mode, "processes": layout.world_size, "group_size": layout.group_size,
-                           "groups": layout.num_groups, "rounds": layout.rounds}}  # fmt: skip
+    run_info = {"layout": layout.summary()}
     if launch.rank == 0:
         for line in layout.describe():
             logger.info(line)
@@ -437,18 +436,13 @@ def train_run(cfg: ExperimentConfig) -> dict[str, Any]:
     run_info["timing"] = {"train_seconds": round(time.perf_counter() - started, 3)}
     logging.getLogger().setLevel(logging.INFO if launch.rank == 0 else logging.WARNING)
 
-    results: dict[str, Any] = {}
-    if launch.rank == 0:
-        write_manifest(paths, specs, data.fingerprint, run_info)
-        results = evaluate(
-            [paths.member(s) for s in specs],
-            cfg.data,
-            cfg.eval,
-            cfg.eval.split,
-            paths.root,
-            state().device,
-            prepared=data,
-        )
-    state().wait_for_everyone()
+    # Evaluation runs on the first process and needs no collective: the others leave now rather
+    # than wait at a barrier that would time out (parallel.timeout_s) on a long evaluation.
     worlds.close()
-    return results
+    if launch.rank != 0:
+        return {}
+    write_manifest(paths, specs, data.fingerprint, run_info)
+    device = "cuda" if not on_cpu() else "cpu"
+    return evaluate(
+        [paths.member(s) for s in specs], cfg.data, cfg.eval, cfg.eval.split, paths.root, device, data
+    )

@@ -360,3 +360,23 @@ def test_accelerate_launch_with_the_shipped_zero3_config(tmp_path, datasets_cach
     for i in (0, 1):
         assert _training(out, i)["zero_stage"] == 3
         assert_same_member(_weights(out, i), _weights(solo[4], i))
+
+
+@pytest.mark.slow
+def test_shipped_cpu_debug_config_starts_two_ranks(tmp_path, datasets_cache):
+    import os
+
+    out = tmp_path / "run"
+    argv = tiny_overrides(out, datasets_cache, members__seeds="[11, 12]")
+    accelerate = Path(PYTHON).with_name("accelerate")
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--config_file",
+        "configs/accelerate/cpu-debug.yaml",
+        "launch/train.py",
+        *argv,
+    ]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    _ok(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env))
+    assert [_training(out, i)["ranks"] for i in (0, 1)] == [[0], [1]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from ensemble.config import ModelConfig
 from ensemble.members import build_model, fit_model_config, load_model_config
 from ensemble.tokenization import load_tokenizer
 
-from .conftest import tiny_overrides
+from .conftest import PYTHON, REPO, tiny_overrides
 
 
 def _weights(member_dir: Path) -> dict[str, torch.Tensor]:
@@ -45,16 +46,16 @@ def test_initialisation_depends_on_the_seed_only():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, datasets_cache):
-    """The same two-member config trained twice, plus seed 123 trained alone."""
+    """The same two-member config trained twice, plus seed 123 trained alone, each in a fresh
+    process (so anything that happens only for the first member of a process shows up)."""
     root = tmp_path_factory.mktemp("determinism")
     out = {}
     # dropout on, so that its stream matters too
     dropout = "{n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64, resid_pdrop: 0.1, embd_pdrop: 0.1, attn_pdrop: 0.1}"
     for name, seeds in (("a", "[42, 123]"), ("b", "[42, 123]"), ("alone", "[123]")):
-        code = train_main(
-            tiny_overrides(root / name, datasets_cache, members__seeds=seeds, model__gpt2_config=dropout)
-        )
-        assert code == 0
+        argv = tiny_overrides(root / name, datasets_cache, members__seeds=seeds, model__gpt2_config=dropout)
+        proc = subprocess.run([PYTHON, "launch/train.py", *argv], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = root / name
     return out
 
