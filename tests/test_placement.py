@@ -208,6 +208,21 @@ def _ok(proc) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+def check_run(out: Path, expected_ranks: list[list[int]], reference: Path) -> None:
+    """Which ranks trained each member; members differ; each loads; each equals its solo twin."""
+    from transformers import AutoModelForCausalLM
+
+    assert [_training(out, i)["ranks"] for i in range(len(expected_ranks))] == expected_ranks
+    weights = [_weights(out, i) for i in range(len(expected_ranks))]
+    for i, w in enumerate(weights):
+        assert_same_member(w, _weights(reference, i))
+        model = AutoModelForCausalLM.from_pretrained(out / "members" / f"member-{i}")
+        assert model.transformer.wte.weight.shape == (259, 32)
+    key = "transformer.wte.weight"
+    for i in range(1, len(weights)):
+        assert not torch.equal(weights[0][key], weights[i][key]), f"member-0 and member-{i} are equal"
+
+
 @pytest.mark.slow
 def test_two_ranks_two_members_one_rank_each(tmp_path, datasets_cache, solo):
     out = tmp_path / "run"
@@ -215,27 +230,19 @@ def test_two_ranks_two_members_one_rank_each(tmp_path, datasets_cache, solo):
     _ok(proc)
     assert "group 0 (rank 0) trains member-0" in proc.stderr
     assert "group 1 (rank 1) trains member-1" in proc.stderr
-    assert [_training(out, i)["ranks"] for i in (0, 1)] == [[0], [1]]
-    a, b = _weights(out, 0), _weights(out, 1)
-    assert not torch.equal(a["transformer.wte.weight"], b["transformer.wte.weight"])
-    assert_same_member(b, _weights(solo[4], 1))  # seed 12 alone
+    check_run(out, [[0], [1]], solo[4])
 
 
 @pytest.mark.slow
 def test_four_ranks_two_members_in_groups_of_two(tmp_path, datasets_cache, solo):
-    from transformers import AutoModelForCausalLM
-
     out = tmp_path / "run"
     proc, _ = _torchrun(4, out, datasets_cache, members__seeds="[11, 12]")  # placement auto
     _ok(proc)
     assert (
         "placement parallel: 4 process(es), 2 member(s), 2 group(s) of 2 rank(s), 1 round(s)" in proc.stderr
     )
-    assert [_training(out, i)["ranks"] for i in (0, 1)] == [[0, 1], [2, 3]]
+    check_run(out, [[0, 1], [2, 3]], solo[8])  # DDP over 2 ranks x batch 4 == one process x batch 8
     assert [_training(out, i)["processes"] for i in (0, 1)] == [2, 2]
-    for i in (0, 1):  # DDP over 2 ranks x batch 4 == one process x batch 8
-        assert_same_member(_weights(out, i), _weights(solo[8], i))
-        AutoModelForCausalLM.from_pretrained(out / "members" / f"member-{i}")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["layout"] == {
         "mode": "parallel",
@@ -254,9 +261,7 @@ def test_two_ranks_three_members_in_rounds(tmp_path, datasets_cache, solo):
     _ok(proc)
     assert "2 group(s) of 1 rank(s), 2 round(s)" in proc.stderr
     assert "group 0 (rank 0) trains member-0, member-2" in proc.stderr
-    assert [_training(out, i)["ranks"] for i in range(3)] == [[0], [1], [0]]
-    for i in range(3):
-        assert_same_member(_weights(out, i), _weights(solo[4], i))
+    check_run(out, [[0], [1], [0]], solo[4])
 
 
 @pytest.mark.slow
@@ -264,9 +269,7 @@ def test_sequential_two_ranks(tmp_path, datasets_cache, solo):
     out = tmp_path / "run"
     proc, _ = _torchrun(2, out, datasets_cache, members__seeds="[11, 12]", parallel__placement="sequential")
     _ok(proc)
-    assert [_training(out, i)["ranks"] for i in (0, 1)] == [[0, 1], [0, 1]]
-    for i in (0, 1):
-        assert_same_member(_weights(out, i), _weights(solo[8], i))
+    check_run(out, [[0, 1], [0, 1]], solo[8])
 
 
 @pytest.mark.slow
@@ -275,8 +278,6 @@ def test_sequential_two_ranks(tmp_path, datasets_cache, solo):
 def test_deepspeed_zero_on_two_ranks(tmp_path, datasets_cache, solo, stage, placement):
     """sequential: ZeRO shards each member over both ranks; parallel: 3 members in rounds, so
     one process trains two DeepSpeed members one after the other."""
-    from transformers import AutoModelForCausalLM
-
     out = tmp_path / "run"
     seeds = "[11, 12]" if placement == "sequential" else str(SEEDS)
     proc, _ = _torchrun(
@@ -284,20 +285,71 @@ def test_deepspeed_zero_on_two_ranks(tmp_path, datasets_cache, solo, stage, plac
         parallel__deepspeed=str(REPO / "configs" / "deepspeed" / f"zero{stage}.json"),
     )  # fmt: skip
     _ok(proc)
-    if placement == "sequential":
-        expected_ranks, reference = [[0, 1], [0, 1]], solo[8]
+    if placement == "sequential":  # gathered full weights, equal to the member trained alone
+        check_run(out, [[0, 1], [0, 1]], solo[8])
     else:
-        expected_ranks, reference = [[0], [1], [0]], solo[4]
-    assert [_training(out, i)["ranks"] for i in range(len(expected_ranks))] == expected_ranks
-    for i in range(len(expected_ranks)):
-        assert _training(out, i)["zero_stage"] == stage
-        weights = _weights(out, i)
-        assert_same_member(weights, _weights(reference, i))  # gathered full weights, as trained alone
-        model = AutoModelForCausalLM.from_pretrained(out / "members" / f"member-{i}")
-        assert model.transformer.wte.weight.shape == (259, 32)
-    assert not torch.equal(
-        _weights(out, 0)["transformer.wte.weight"], _weights(out, 1)["transformer.wte.weight"]
+        check_run(out, [[0], [1], [0]], solo[4])
+    assert {_training(out, i)["zero_stage"] for i in (0, 1)} == {stage}
+
+
+def _two_nodes(out: Path, cache: Path, **extra) -> list[subprocess.CompletedProcess]:
+    """Two torchrun agents on this machine acting as two nodes of 2 processes each."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(PYTHON).with_name("torchrun")
+    argv = tiny_overrides(out, cache, model__gpt2_config=NO_DROPOUT, **extra)
+    agents = [
+        subprocess.Popen(
+            [
+                str(torchrun),
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(node),
+                "--nproc_per_node",
+                "2",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "launch/train.py",
+                *argv,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    results = []
+    for agent in agents:
+        stdout, stderr = agent.communicate(timeout=600)
+        results.append(subprocess.CompletedProcess(agent.args, agent.returncode, stdout, stderr))
+    return results
+
+
+@pytest.mark.slow
+def test_two_nodes_one_group_per_node(tmp_path, datasets_cache, solo):
+    out = tmp_path / "run"
+    node0, node1 = _two_nodes(
+        out, datasets_cache, members__seeds=str(SEEDS), parallel__groups_within_node="true"
     )
+    _ok(node0)
+    _ok(node1)
+    assert "group 0 (ranks 0-1) trains member-0, member-2" in node0.stderr
+    check_run(out, [[0, 1], [2, 3], [0, 1]], solo[8])  # node 0: members 0 and 2; node 1: member 1
+
+    # a group of 4 would span both nodes: refused when groups must stay within a node
+    node0, node1 = _two_nodes(
+        tmp_path / "spanning", datasets_cache, members__seeds="[11]", parallel__group_size=4,
+        parallel__groups_within_node="true",
+    )  # fmt: skip
+    assert node0.returncode != 0 and node1.returncode != 0
+    assert "needs the group size (4) to divide the processes per node (2)" in node0.stderr
 
 
 @pytest.mark.slow
