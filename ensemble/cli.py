@@ -121,7 +121,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
         "  launch/evaluate.py --members a/ b/ --config c.yaml --output out/\n"
         "overrides: data.* and eval.* keys, e.g. eval.per_device_batch_size=8",
     )
-    p.add_argument("run_dir", nargs="?", help="run directory written by launch/train.py")
+    p.add_argument(
+        "items", nargs="*", metavar="RUN_DIR | section.key=value",
+        help="the run directory written by launch/train.py (unless --members), then data.*/eval.* overrides",
+    )  # fmt: skip
     p.add_argument("--members", nargs="+", metavar="DIR", help="member directories (instead of a run)")
     p.add_argument("--config", help="YAML config for the data (default: the run's or first member's)")
     p.add_argument(
@@ -135,16 +138,28 @@ def evaluate_parser() -> argparse.ArgumentParser:
         "--split", default=None, choices=["test", "validation"], help="split to evaluate (default: test)"
     )
     p.add_argument("--output", help="directory for results.json/.md (default: the run, or <run>/eval/<data>)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p
+
+
+def split_items(args: argparse.Namespace) -> None:
+    """Positional arguments: overrides contain "=", anything else is the run directory."""
+    args.overrides = [i for i in args.items if "=" in i]
+    dirs = [i for i in args.items if "=" not in i]
+    if len(dirs) > 1:
+        raise EnsembleError(f"more than one run directory given ({', '.join(dirs)}); give one, or --members")
+    args.run_dir = dirs[0] if dirs else None
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "data"
 
 
-def resolve_evaluation(args: argparse.Namespace) -> tuple[list[Path], ExperimentConfig, str, Path]:
-    """(member dirs, config whose data/eval sections apply, split, output dir)."""
+def resolve_evaluation(
+    args: argparse.Namespace,
+) -> tuple[list[Path], ExperimentConfig, ExperimentConfig | None, str, Path]:
+    """(member dirs, config whose data/eval sections apply, the run's own config when --data
+    replaced its data (weights and temperatures are fitted on the run's validation split), split,
+    output dir)."""
     from .members import find_members
 
     if bool(args.run_dir) == bool(args.members):
@@ -170,6 +185,7 @@ def resolve_evaluation(args: argparse.Namespace) -> tuple[list[Path], Experiment
     if not config_path.is_file():
         raise EnsembleError(f"config {config_path} not found; pass --config with the data section to use")
     raw = yaml.safe_load(config_path.read_text()) or {}
+    run_cfg = config_from_dict(raw) if args.data else None
     if args.data:
         data = raw.setdefault("data", {})
         for key in ("dataset", "dataset_config", "text_column", "text_template"):
@@ -199,17 +215,33 @@ def resolve_evaluation(args: argparse.Namespace) -> tuple[list[Path], Experiment
         out = Path(args.run_dir) / "eval" / f"{name}-{split}"
     else:
         raise EnsembleError("--output is required with --members; say where results.json should go")
-    return member_paths, cfg, split, out
+    return member_paths, cfg, run_cfg, split, out
 
 
 @guarded
 def evaluate_main(argv: Sequence[str] | None = None) -> None:
+    """Evaluate in one process, or sharded over the processes of a launcher (torchrun,
+    `accelerate launch`)."""
     args = evaluate_parser().parse_args(argv)
-    member_paths, cfg, split, out = resolve_evaluation(args)
+    split_items(args)
+    member_paths, cfg, run_cfg, split, out = resolve_evaluation(args)
     setup_logging()
-    import torch
-
+    from .distributed import Worlds, launch_info, local_device
     from .evaluation import evaluate
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    evaluate(member_paths, cfg.data, cfg.eval, split, out, device)
+    device = local_device()
+    worlds = Worlds(cfg.parallel.timeout_s)
+    worlds.join("evaluate", launch_info().rank, launch_info().world_size)
+    try:
+        evaluate(
+            member_paths,
+            cfg.data,
+            cfg.eval,
+            split,
+            out,
+            device,
+            fit_data_cfg=run_cfg.data if run_cfg else None,
+            main_first=worlds.main_first,
+        )
+    finally:
+        worlds.close()

@@ -1,25 +1,43 @@
 """Combining members' next-token distributions into the ensemble's.
 
-The ensemble distribution is the mixture (mean) of the members' probabilities, formed in log
-space: log mean_i p_i = logsumexp_i(log p_i) - log N. Members are added one at a time, so only
-one running buffer exists however many members there are.
+Combiners, all computed from the same forward passes:
+- ``mean_prob``: the mixture, mean_i p_i (the headline), in log space: logsumexp_i log p_i - log N.
+- ``mean_logit``: softmax of the mean of the members' logits (the reference tutorial's
+  `sum(outputs) / 3`).
+- ``geometric``: the renormalised geometric mean, softmax(mean_i log p_i). In exact arithmetic
+  this equals ``mean_logit``: log p_i and the logits differ by a per-position constant, which
+  softmax ignores. Both are reported because users ask for both; they differ by rounding only.
+- ``weighted``: the mixture sum_i w_i p_i with weights fitted on the validation split by
+  minimising its NLL (EM; the problem is convex in w, so EM reaches the optimum).
+
+Per-member temperature scaling (optional) divides member i's logits by T_i, fitted on the
+validation split by minimising that member's NLL (grid search, then a finer grid around the best).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
+
+COMBINERS = ("mean_prob", "mean_logit", "geometric", "weighted")
+TEMPERATURE_GRID = np.exp(np.linspace(math.log(0.25), math.log(4.0), 25))
 
 
 class MeanProb:
-    """Running log of the mean of member probabilities, for one chunk of positions."""
+    """Running log of the mean of member probabilities over one chunk of positions; after k
+    members, :meth:`logprobs` is the mixture of the first k."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_weights: np.ndarray | None = None) -> None:
         self._acc: torch.Tensor | None = None
         self._n = 0
+        self._log_weights = log_weights  # weighted mixture: add log w_i to member i
 
     def add(self, logp: torch.Tensor) -> None:
+        if self._log_weights is not None:
+            logp = logp + float(self._log_weights[self._n])
         if self._acc is None:
             self._acc = logp.clone()
         else:
@@ -29,4 +47,71 @@ class MeanProb:
     def logprobs(self) -> torch.Tensor:
         if self._acc is None:
             raise ValueError("no member was added")
-        return self._acc - math.log(self._n)
+        return self._acc if self._log_weights is not None else self._acc - math.log(self._n)
+
+
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    total = tensors[0].clone()  # summed in place: no [N, n, vocab] stack
+    for t in tensors[1:]:
+        total += t
+    return total.div_(len(tensors))
+
+
+def mean_logit(scaled_logits: list[torch.Tensor]) -> torch.Tensor:
+    return torch.log_softmax(_mean(scaled_logits), dim=-1)
+
+
+def geometric(logps: list[torch.Tensor]) -> torch.Tensor:
+    return torch.log_softmax(_mean(logps), dim=-1)
+
+
+def fit_mixture_weights(
+    target_logp: np.ndarray,
+    allreduce: Callable[[np.ndarray], np.ndarray] = lambda x: x,
+    max_iter: int = 5000,
+    tol: float = 1e-10,
+) -> np.ndarray:
+    """Weights w on the simplex maximising sum_t log sum_i w_i p_i(y_t), by EM.
+
+    ``target_logp`` [T, N] holds log p_i(y_t) for this process's positions; ``allreduce`` sums
+    an array over processes, so every process gets the same weights. Positions where every
+    member gives the target probability 0 carry no information about w and are left out.
+    Each position's probabilities are scaled by their maximum once (the scale cancels in the EM
+    update), so an iteration is two matrix-vector products.
+    """
+    n = target_logp.shape[1]
+    informative = np.isfinite(target_logp).any(axis=1)
+    lp = target_logp[informative]
+    p = np.exp(lp - lp.max(axis=1, keepdims=True)) if len(lp) else np.zeros((0, n))
+    total = allreduce(np.array([float(len(p))]))[0]
+    w = np.full(n, 1.0 / n)
+    for _ in range(max_iter):
+        # w_i <- w_i * mean_t p_ti / (sum_j w_j p_tj)
+        new = w * allreduce(((1.0 / (p @ w)) @ p) if len(p) else np.zeros(n)) / total
+        new /= new.sum()  # guards rounding drift off the simplex
+        if np.max(np.abs(new - w)) < tol:
+            return new
+        w = new
+    return w
+
+
+def mixture_nll(target_logp: np.ndarray, w: np.ndarray) -> float:
+    """Mean NLL of the mixture with weights w (for checks)."""
+    with np.errstate(divide="ignore"):
+        return float(-np.mean(np.logaddexp.reduce(target_logp + np.log(w), axis=1)))
+
+
+def refine_grid(grid: np.ndarray, best: int, points: int = 25) -> np.ndarray:
+    """A finer grid between the neighbours of grid[best] (log-spaced)."""
+    lo = grid[max(best - 1, 0)]
+    hi = grid[min(best + 1, len(grid) - 1)]
+    return np.exp(np.linspace(math.log(lo), math.log(hi), points))
+
+
+def temperature_nll_sums(logits: torch.Tensor, targets: torch.Tensor, grid: np.ndarray) -> np.ndarray:
+    """NLL summed over positions of softmax(logits / T) for every T of the grid."""
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    out = np.empty(len(grid))
+    for g, t in enumerate(grid):
+        out[g] = float((torch.logsumexp(logits / float(t), dim=1) - target_logits / float(t)).double().sum())
+    return out

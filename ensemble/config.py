@@ -291,14 +291,49 @@ class EvalConfig:
     split: Literal["test", "validation"] = "test"
     """Split of the run's data that training evaluates the ensemble on at the end."""
 
-    chunk_tokens: int = 4096
+    mode: Literal["data", "member"] = "data"
+    """How evaluation uses several processes. `data`: the test batches are shared out between
+    the processes, each runs every member. `member`: for members too large to sit together on
+    one device: the processes form one group per member (the number of processes must be a
+    multiple of the number of members), each holding only its member; groups see the same
+    batches and exchange the members' distributions."""
+
+    combiners: list[Literal["mean_prob", "mean_logit", "geometric", "weighted"]] = field(
+        default_factory=lambda: ["mean_prob", "mean_logit", "geometric", "weighted"]
+    )
+    """Ensemble combinations to report, all from the same forward passes. `mean_prob` (the
+    mixture of the members' probabilities) is always computed: it is the headline."""
+
+    temperature_scaling: bool = False
+    """Fit one temperature per member on the validation split (minimising its NLL) and divide
+    the member's logits by it before everything else."""
+
+    fit_split: Literal["validation", "test"] = "validation"
+    """Split of the run's data on which mixture weights and temperatures are fitted."""
+
+    bootstrap_samples: int = 1000
+    """Bootstrap replicates (Poisson bootstrap over blocks) for the 95% intervals; 0 disables."""
+
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap weights (each block's weights depend only on it and the block)."""
+
+    chunk_tokens: int = 1024
     """Positions turned into full-vocabulary distributions at a time. Bounds evaluation memory:
-    about chunk_tokens x vocabulary x 4 bytes x 3 buffers."""
+    about chunk_tokens x vocabulary x 4 bytes x (2 x members + 4)."""
+
+    plots: bool = True
+    """Write ensemble_size.png and reliability.png next to results.json."""
 
     def validate(self) -> None:
         for name in ("per_device_batch_size", "chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name}={getattr(self, name)} must be at least 1")
+        if self.bootstrap_samples < 0:
+            raise ConfigError(f"eval.bootstrap_samples={self.bootstrap_samples} must be >= 0")
+        if "mean_prob" not in self.combiners:
+            self.combiners = ["mean_prob", *self.combiners]
+        if len(set(self.combiners)) != len(self.combiners):
+            raise ConfigError(f"eval.combiners={self.combiners} lists a combiner twice")
 
 
 @dataclass

@@ -10,13 +10,20 @@ Between worlds the Accelerate singletons are reset, so nothing stale survives.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime as dt
 import functools
 import os
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .errors import EnsembleError
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,14 @@ def on_cpu() -> bool:
 
 def backend() -> str:
     return "gloo" if on_cpu() else "nccl"
+
+
+def local_device() -> torch.device:
+    """This process's device: its GPU (by local rank) or the CPU."""
+    if on_cpu():
+        return torch.device("cpu")
+    torch.cuda.set_device(launch_info().local_rank % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def reset_accelerate_state() -> None:
@@ -98,17 +113,62 @@ def accelerator_kwargs(deepspeed: bool, timeout_s: int) -> dict[str, Any]:
 
 
 class Worlds:
-    """Switches this process between process groups built on one shared store."""
+    """Switches this process between process groups built on one shared store, and waits for
+    the other processes where a wait can be long.
+
+    Collectives time out after ``timeout_s``, which is right for a step but not for waiting until
+    another group has trained its members or the first process has tokenized a large dataset.
+    Those waits go through the store instead, and end with an error only when a process that has
+    not arrived shows no sign of life (a heartbeat counter every process bumps from a background
+    thread) for ``timeout_s``: a dead process is noticed, a slow one is waited for.
+    """
+
+    BEAT_S = 5.0
+    POLL_S = 1.0
 
     def __init__(self, timeout_s: int):
         import torch.distributed as dist
 
         self.launch = launch_info()
+        self.timeout_s = timeout_s
         self.timeout = dt.timedelta(seconds=timeout_s)
+        self.beat_s = min(self.BEAT_S, timeout_s / 4)  # several beats per timeout, however short
         self._store = None
         self._count = 0
+        self._waits = 0
+        self._stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
         if self.launch.distributed:
             self._store, _, _ = next(dist.rendezvous("env://", timeout=self.timeout))
+            self._client = self._connect()  # for waits; the heartbeat thread has its own
+            self._beat_thread = threading.Thread(
+                target=self._heartbeat, args=(self._connect(),), daemon=True, name="ensemble-heartbeat"
+            )
+            self._beat_thread.start()
+            # Stop the thread before interpreter shutdown tears down the store it is using
+            # (a store call cut off mid-way in a dying interpreter aborts the process).
+            atexit.register(self._stop_heartbeat)
+
+    def _connect(self) -> Any:
+        import torch.distributed as dist
+
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        return dist.TCPStore(addr, port, is_master=False, timeout=self.timeout)
+
+    def _heartbeat(self, store: Any) -> None:
+        key = f"ensemble/alive/{self.launch.rank}"
+        while not self._stop.is_set():
+            try:
+                store.add(key, 1)
+            except Exception:  # the store is gone: the job is ending
+                return
+            self._stop.wait(self.beat_s)
+
+    def _stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._beat_thread is not None:
+            self._beat_thread.join(timeout=30)
+            self._beat_thread = None
 
     def join(self, name: str, rank: int, size: int) -> None:
         """Make this process rank ``rank`` of the ``size``-process world ``name`` (the default
@@ -126,8 +186,53 @@ class Worlds:
         # Accelerate and DeepSpeed read these; they must describe the world we are in.
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(size)
 
+    def _wait(self, name: str, arrived: Callable[[], bool], pending: Callable[[], list[int]]) -> None:
+        """Poll until ``arrived()``; fail if a rank in ``pending()`` stops beating."""
+        seen: dict[int, tuple[int, float]] = {}
+        while not arrived():
+            now = time.monotonic()
+            for r in pending():
+                beats = self._client.add(f"ensemble/alive/{r}", 0)
+                if r not in seen or seen[r][0] != beats:
+                    seen[r] = (beats, now)
+                elif now - seen[r][1] > self.timeout_s:
+                    raise EnsembleError(
+                        f"rank {r} gave no sign of life for {self.timeout_s}s while the others waited "
+                        f"for it ({name}); it probably died: see its error above (parallel.timeout_s)"
+                    )
+            time.sleep(self.POLL_S)
+
+    def wait_all(self, name: str) -> None:
+        """A barrier for all processes of the launch, however long the slowest takes."""
+        if self._store is None:
+            return
+        self._waits += 1
+        key = f"ensemble/wait/{self._waits}-{name}"
+        self._client.set(f"{key}/{self.launch.rank}", "1")
+        world = self.launch.world_size
+
+        def pending() -> list[int]:
+            return [r for r in range(world) if not self._client.check([f"{key}/{r}"])]
+
+        self._wait(name, lambda: not pending(), pending)
+
+    @contextlib.contextmanager
+    def main_first(self, name: str) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. to fill a cache); the others wait, then run it."""
+        if self._store is None:
+            yield
+            return
+        self._waits += 1
+        key = f"ensemble/main-first/{self._waits}-{name}"
+        if self.launch.rank != 0:
+            self._wait(name, lambda: self._client.check([key]), lambda: [0])
+        yield
+        if self.launch.rank == 0:
+            self._client.set(key, "1")
+
     def close(self) -> None:
         import torch.distributed as dist
 
+        self._stop_heartbeat()
         if dist.is_initialized():
             dist.destroy_process_group()

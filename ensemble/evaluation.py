@@ -1,34 +1,71 @@
-"""Evaluating members and their ensemble on one split, in a single streaming pass.
+"""The ensemble evaluator: sharded, exact, streaming, one pass over the test data.
 
-For each batch of blocks every member runs once; its final hidden states are turned into
-full-vocabulary log-probabilities (float32) a chunk of positions at a time, scored, and folded
-into the ensemble's mixture. Memory is bounded by the batch and ``eval.chunk_tokens``, never by
-the size of the test set, and no full-vocabulary logits are copied to the host.
+Sharding is by *batches* of blocks, round-robin over the processes, never by individual blocks:
+every batch then has the same composition whatever the number of processes, so every position
+gets bitwise the same logits and only the (float64) order of summation differs. Each process
+accumulates sums (per row: tokens, correct, top-5, NLL, Brier, 15 ECE bins; pairwise
+disagreement; KL to the mixture; Poisson-bootstrap replicates) and one all-reduce at the end
+combines them.
+
+- ``data`` mode: each process runs every member on its batches.
+- ``member`` mode: one group of processes per member, each holding only its member; the k
+  processes of a group split the batches (column j takes batches j, j+k, ...). For every chunk
+  of positions the N processes of a column all-gather their member's logits, so each column
+  holds every member's distribution for the chunk and scores it with the same code as data
+  mode (group 0 accumulates; the others contribute zeros to the all-reduce).
+
+For each batch every member's transformer body runs once; its final hidden states become
+full-vocabulary logits ``eval.chunk_tokens`` positions at a time (float32 log-softmax), so
+memory is bounded by the batch and the chunk, never by the test set, and no full-vocabulary
+logits are copied to the host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import itertools
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .combining import MeanProb
+from .combining import (
+    TEMPERATURE_GRID,
+    MeanProb,
+    fit_mixture_weights,
+    geometric,
+    mean_logit,
+    refine_grid,
+    temperature_nll_sums,
+)
 from .config import DataConfig, EvalConfig
 from .data import EvalBlocks, PreparedData, collate_eval, prepare_data
 from .errors import EnsembleError
-from .members import context_length, load_member
-from .metrics import TokenMetrics
-from .reporting import format_table, write_results
+from .members import context_length, read_member_info
+from .metrics import (
+    RowSums,
+    kl_sum,
+    light_update,
+    percentile_interval,
+    poisson_weights,
+    reliability,
+    row_result,
+)
+from .reporting import format_table, write_plots, write_results
 
 logger = logging.getLogger(__name__)
 
 PROBE_TEXT = "The quick brown fox: 3.14 + naïve café \u4e2d\u6587\n\tdef f(x): return x"
+
+
+# --------------------------------------------------------------------------------------------
+# Members
 
 
 @dataclass
@@ -36,21 +73,39 @@ class LoadedMember:
     path: Path
     name: str
     seed: int | None
-    model: torch.nn.Module
     tokenizer: Any
+    config: Any
+    model: torch.nn.Module | None = None  # None where another process holds it (member mode)
+    temperature: float = 1.0
 
 
-def load_members(paths: list[Path], device: torch.device | str) -> list[LoadedMember]:
-    """Load member directories and check that they form an ensemble (one tokenizer, one
-    vocabulary); the error names the member that does not fit."""
+def load_members(
+    paths: list[Path], device: torch.device | str, hold: set[int] | None = None
+) -> list[LoadedMember]:
+    """Load member directories (the weights only of members in ``hold``; all when None) and
+    check that they form an ensemble: one tokenizer, one vocabulary. The error names the member
+    that does not fit."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     if not paths:
         raise EnsembleError("no finished members to evaluate; train some first or pass member directories")
     members = []
-    for path in paths:
-        model, tokenizer, info = load_member(Path(path), device)
+    for i, path in enumerate(paths):
+        path = Path(path)
+        info = read_member_info(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            config = AutoConfig.from_pretrained(path)
+            model = None
+            if hold is None or i in hold:
+                model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EnsembleError(f"cannot load member {path} ({first}); re-train or remove it") from None
         members.append(
-            LoadedMember(Path(path), info.get("name", Path(path).name), info.get("seed"), model, tokenizer)
+            LoadedMember(path, info.get("name", path.name), info.get("seed"), tokenizer, config, model)
         )
+    _unique_names(members)
     ref = members[0]
     ref_vocab = ref.tokenizer.get_vocab()
     ref_probe = ref.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
@@ -65,12 +120,24 @@ def load_members(paths: list[Path], device: torch.device | str) -> list[LoadedMe
                 f"member {m.name} ({m.path}) uses a different tokenizer than {ref.name} "
                 f"({len(vocab)} vs {len(ref_vocab)} tokens); ensemble members must share one tokenizer"
             )
-        if m.model.config.vocab_size != ref.model.config.vocab_size:
+        if m.config.vocab_size != ref.config.vocab_size:
             raise EnsembleError(
-                f"member {m.name} ({m.path}) predicts over {m.model.config.vocab_size} tokens but "
-                f"{ref.name} over {ref.model.config.vocab_size}; members must share one vocabulary"
+                f"member {m.name} ({m.path}) predicts over {m.config.vocab_size} tokens but "
+                f"{ref.name} over {ref.config.vocab_size}; members must share one vocabulary"
             )
     return members
+
+
+def _unique_names(members: list[LoadedMember]) -> None:
+    """Members from different runs can share a name (two member-0s): then name each by the
+    shortest tail of its path that tells them apart."""
+    if len({m.path.resolve() for m in members}) < len(members):
+        raise EnsembleError("the same member directory is given twice; give each member once")
+    depth = 0
+    while len({m.name for m in members}) < len(members):
+        depth += 1
+        for m in members:
+            m.name = "/".join(m.path.resolve().parts[-depth - 1 :])
 
 
 def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -96,76 +163,516 @@ def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
     return body, head
 
 
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """Which batches and members this process handles."""
+
+    mode: str
+    rank: int
+    world_size: int
+    num_members: int
+
+    def __post_init__(self) -> None:
+        if self.mode == "member" and self.world_size % self.num_members:
+            raise EnsembleError(
+                f"eval.mode=member needs the number of processes ({self.world_size}) to be a multiple "
+                f"of the number of members ({self.num_members}); launch {self.num_members} x k processes "
+                "or use eval.mode=data"
+            )
+
+    @property
+    def group_size(self) -> int:
+        return self.world_size // self.num_members if self.mode == "member" else self.world_size
+
+    @property
+    def group(self) -> int:
+        return self.rank // self.group_size if self.mode == "member" else 0
+
+    @property
+    def column(self) -> int:
+        return self.rank % self.group_size
+
+    @property
+    def members_held(self) -> set[int]:
+        return {self.group} if self.mode == "member" else set(range(self.num_members))
+
+    @property
+    def accumulates(self) -> bool:
+        """In member mode every process of a column scores the same chunks: only group 0 counts."""
+        return self.group == 0
+
+    def batches(self, n_batches: int) -> range:
+        return range(self.column, n_batches, self.group_size)
+
+    def column_ranks(self, column: int) -> list[int]:
+        return [g * self.group_size + column for g in range(self.num_members)]
+
+
+class Collectives:
+    """The few collectives evaluation needs; no-ops in a single process."""
+
+    def __init__(self, sharding: Sharding):
+        import torch.distributed as dist
+
+        self.sharding = sharding
+        self.active = dist.is_available() and dist.is_initialized() and sharding.world_size > 1
+        self._column_group = None
+        if self.active and sharding.mode == "member":
+            # every process creates every column's group, in the same order
+            for column in range(sharding.group_size):
+                group = dist.new_group(sharding.column_ranks(column))
+                if column == sharding.column:
+                    self._column_group = group
+
+    def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
+        if not self.active:
+            return array
+        import torch.distributed as dist
+
+        t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)).to(self._device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().numpy()
+
+    def gather_members(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        """Member mode: every member's logits for this chunk, in member order."""
+        if not self.active:
+            return [logits]
+        import torch.distributed as dist
+
+        out = [torch.empty_like(logits) for _ in range(self.sharding.num_members)]
+        dist.all_gather(out, logits.contiguous(), group=self._column_group)
+        return out
+
+    @staticmethod
+    def _device() -> torch.device:
+        import torch.distributed as dist
+
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming over the data
+
+
+def _chunks(
+    members: list[LoadedMember],
+    parts: dict[int, tuple[torch.nn.Module, torch.nn.Module]],
+    batch: dict[str, torch.Tensor],
+    chunk_tokens: int,
+    sharding: Sharding,
+    collectives: Collectives,
+    device: torch.device | str,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
+    """(targets, local block index of each position, every member's logits) per chunk."""
+    ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    mask = batch["target_mask"].to(device)
+    targets = ids[:, 1:][mask]
+    block_of = torch.arange(ids.shape[0], device=device)[:, None].expand_as(mask)[mask]
+    states = {
+        i: body(ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1][mask]
+        for i, (body, _) in parts.items()
+    }
+    for start in range(0, len(targets), chunk_tokens):
+        stop = start + chunk_tokens
+        own = {i: parts[i][1](h[start:stop]).float() for i, h in states.items()}
+        if sharding.mode == "member":
+            logits = collectives.gather_members(own[sharding.group])
+        else:
+            logits = [own[i] for i in range(len(members))]
+        yield targets[start:stop], block_of[start:stop], logits
+
+
+def _batches(
+    blocks: EvalBlocks, batch_size: int, which: range
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    for j in which:
+        start = j * batch_size
+        yield start, collate_eval([blocks[b] for b in range(start, min(start + batch_size, len(blocks)))])
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass
+class Scorer:
+    """All sums of one evaluation: per-row metric sums, diversity, bootstrap replicates."""
+
+    member_names: list[str]
+    combiners: list[str]
+    temperatures: np.ndarray
+    weights: np.ndarray | None
+    bootstrap_samples: int
+    bootstrap_seed: int
+    rows: list[str] = field(init=False)
+    sums: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.member_names)
+        self.prefix_rows = [f"first-{k}" for k in range(2, n)]  # k = 1 and k = N are rows already
+        self.rows = list(self.member_names) + (list(self.combiners) + self.prefix_rows if n > 1 else [])
+        self.index = {name: r for r, name in enumerate(self.rows)}
+        self.pairs = list(itertools.combinations(range(n), 2))
+        self.sums = np.zeros((len(self.rows), RowSums.SIZE))
+        self.kl = np.zeros(1)  # sum over positions of mean_i KL(p_i || mixture)
+        self.disagree = np.zeros(len(self.pairs))
+        self.boot_tokens = np.zeros(self.bootstrap_samples)
+        self.boot = np.zeros((self.bootstrap_samples, len(self.rows), 2))  # correct, nll
+        self._block: torch.Tensor | None = None
+
+    def begin_batch(self, n_blocks: int, device: torch.device | str) -> None:
+        self._block = torch.zeros((n_blocks, len(self.rows) + 1, 2), dtype=torch.float64, device=device)
+
+    def _row(self, name: str, logp: torch.Tensor, targets: torch.Tensor, block_of: torch.Tensor):
+        """Score one row; returns (top-1 predictions, probabilities)."""
+        r = self.index[name]
+        pred, per_position, p = RowSums(self.sums[r]).update(logp, targets)
+        self._block[:, r].index_add_(0, block_of, per_position)
+        return pred, p
+
+    def score(self, logits: list[torch.Tensor], targets: torch.Tensor, block_of: torch.Tensor) -> None:
+        n = len(logits)
+        self._block[:, -1, 0].index_add_(0, block_of, torch.ones_like(targets, dtype=torch.float64))
+        scaled = [lg / float(t) if t != 1.0 else lg for lg, t in zip(logits, self.temperatures, strict=True)]
+        logps = [torch.log_softmax(s, dim=-1) for s in scaled]
+        if n == 1:
+            self._row(self.member_names[0], logps[0], targets, block_of)
+            return
+        mixture = MeanProb()
+        for k, lp in enumerate(logps, start=1):
+            mixture.add(lp)
+            if 2 <= k < n:  # the curve needs accuracy and NLL only
+                r = self.index[f"first-{k}"]
+                self._block[:, r].index_add_(
+                    0, block_of, light_update(self.sums[r], mixture.logprobs(), targets)
+                )
+        mixture_logp = mixture.logprobs()
+        del mixture
+        self._row("mean_prob", mixture_logp, targets, block_of)
+        preds = []
+        for name, lp in zip(self.member_names, logps, strict=True):
+            pred, p = self._row(name, lp, targets, block_of)
+            self.kl += kl_sum(p, lp, mixture_logp) / n  # each member's probabilities freed at once
+            preds.append(pred)
+        del mixture_logp
+        for q, (i, j) in enumerate(self.pairs):
+            self.disagree[q] += int((preds[i] != preds[j]).sum())
+        if "mean_logit" in self.index:
+            self._row("mean_logit", mean_logit(scaled), targets, block_of)
+        if "geometric" in self.index:
+            self._row("geometric", geometric(logps), targets, block_of)
+        if "weighted" in self.index:
+            weighted = MeanProb(log_weights=np.log(self.weights))
+            for lp in logps:
+                weighted.add(lp)
+            self._row("weighted", weighted.logprobs(), targets, block_of)
+
+    def end_batch(self, first_block: int) -> None:
+        """Fold the batch's per-block sums into the bootstrap replicates."""
+        block = self._block.cpu().numpy()
+        self._block = None
+        if not self.bootstrap_samples:
+            return
+        w = poisson_weights(
+            self.bootstrap_seed, np.arange(first_block, first_block + len(block)), self.bootstrap_samples
+        )
+        self.boot_tokens += w @ block[:, -1, 0]
+        stats = block[:, :-1]  # [blocks, rows, 2]
+        # 0 x inf must stay 0 (a block left out of a replicate cannot make its NLL infinite)
+        with np.errstate(invalid="ignore"):  # the 0 x inf products are discarded by the where
+            weighted = np.where(w[:, :, None, None] > 0, w[:, :, None, None] * stats[None], 0.0)
+        self.boot += weighted.sum(axis=1)
+
+    def pack(self) -> np.ndarray:
+        return np.concatenate(
+            [self.sums.ravel(), self.kl, self.disagree, self.boot_tokens, self.boot.ravel()]
+        )
+
+    def unpack(self, flat: np.ndarray) -> None:
+        sizes = [self.sums.size, 1, self.disagree.size, self.boot_tokens.size, self.boot.size]
+        parts = np.split(flat, np.cumsum(sizes)[:-1])
+        self.sums = parts[0].reshape(self.sums.shape)
+        self.kl, self.disagree, self.boot_tokens = parts[1], parts[2], parts[3]
+        self.boot = parts[4].reshape(self.boot.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting on the validation split
+
+
+def _fit(
+    members: list[LoadedMember],
+    parts: dict,
+    blocks: EvalBlocks,
+    cfg: EvalConfig,
+    sharding: Sharding,
+    collectives: Collectives,
+    device: torch.device | str,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(per-member temperatures, mixture weights or None) fitted on ``blocks``."""
+    n = len(members)
+    n_batches = -(-len(blocks) // cfg.per_device_batch_size)
+
+    def chunks():
+        for _, batch in _batches(blocks, cfg.per_device_batch_size, sharding.batches(n_batches)):
+            yield from _chunks(members, parts, batch, cfg.chunk_tokens, sharding, collectives, device)
+
+    temperatures = np.ones(n)
+    if cfg.temperature_scaling:
+        grids = [TEMPERATURE_GRID] * n
+        for round_ in range(2):  # a coarse grid, then a finer one around each member's best
+            sums = np.zeros((n, len(TEMPERATURE_GRID)))
+            with torch.inference_mode():
+                for targets, _, logits in chunks():
+                    if sharding.accumulates:
+                        for i in range(n):
+                            sums[i] += temperature_nll_sums(logits[i], targets, grids[i])
+            sums = collectives.allreduce_sum(sums)
+            best = sums.argmin(axis=1)
+            temperatures = np.array([grids[i][best[i]] for i in range(n)])
+            if round_ == 0:
+                grids = [refine_grid(grids[i], best[i], len(TEMPERATURE_GRID)) for i in range(n)]
+    weights = None
+    if "weighted" in cfg.combiners and n > 1:
+        target_logp = []
+        with torch.inference_mode():
+            for targets, _, logits in chunks():
+                if sharding.accumulates:
+                    lp = [
+                        torch.log_softmax(lg / float(t), dim=-1)
+                        for lg, t in zip(logits, temperatures, strict=True)
+                    ]
+                    target_logp.append(
+                        torch.stack([x.gather(1, targets[:, None]).squeeze(1) for x in lp], 1).double().cpu()
+                    )
+        local = torch.cat(target_logp).numpy() if target_logp else np.zeros((0, n))
+        weights = fit_mixture_weights(local, allreduce=collectives.allreduce_sum)
+    return temperatures, weights
+
+
+# --------------------------------------------------------------------------------------------
+# The whole evaluation
+
+
 def evaluate_members(
     members: list[LoadedMember],
     blocks: EvalBlocks,
-    batch_size: int,
-    chunk_tokens: int,
+    cfg: EvalConfig,
     device: torch.device | str,
+    sharding: Sharding | None = None,
+    fit_blocks: EvalBlocks | None = None,
     show_progress: bool = True,
-) -> tuple[list[TokenMetrics], TokenMetrics]:
-    """Metric sums for each member and for the mean-probability ensemble."""
+) -> Scorer:
+    """Score ``blocks`` with every member and combiner; returns the (all-reduced) sums."""
+    sharding = sharding or Sharding("data", 0, 1, len(members))
+    collectives = Collectives(sharding)
     for m in members:
-        ctx = context_length(m.model.config)
+        ctx = context_length(m.config)
         if blocks.block_size > ctx:
             raise EnsembleError(
                 f"data.block_size={blocks.block_size} exceeds the context of member {m.name} "
                 f"({ctx} tokens); set data.block_size <= {ctx}"
             )
-    parts = [_body_and_head(m.model) for m in members]
-    per_member = [TokenMetrics() for _ in members]
-    ensemble = TokenMetrics()
-    loader = DataLoader(blocks, batch_size=batch_size, shuffle=False, collate_fn=collate_eval)
+    parts = {i: _body_and_head(members[i].model) for i in sorted(sharding.members_held)}
+    n = len(members)
+    combiners = [c for c in cfg.combiners if c != "weighted" or n > 1]
+    temperatures, weights = np.ones(n), None
+    if cfg.temperature_scaling or (n > 1 and "weighted" in combiners):
+        if fit_blocks is None:
+            raise EnsembleError("fitting weights or temperatures needs a validation split; none was given")
+        temperatures, weights = _fit(members, parts, fit_blocks, cfg, sharding, collectives, device)
+    for m, t in zip(members, temperatures, strict=True):
+        m.temperature = float(t)
+    scorer = Scorer(
+        [m.name for m in members], combiners, temperatures, weights, cfg.bootstrap_samples, cfg.bootstrap_seed
+    )
+    n_batches = -(-len(blocks) // cfg.per_device_batch_size)
+    mine = sharding.batches(n_batches)
     with torch.inference_mode():
-        for batch in tqdm(loader, desc="Evaluating", unit="batch", disable=not show_progress):
-            ids = batch["input_ids"].to(device)
-            attention_mask = batch["attention_mask"].to(device)
-            mask = batch["target_mask"].to(device)
-            targets = ids[:, 1:][mask]
-            # [n, hidden] per member: the states of positions that predict a real next token.
-            states = [
-                body(ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1][mask]
-                for body, _ in parts
-            ]
-            for start in range(0, len(targets), chunk_tokens):
-                stop = start + chunk_tokens
-                y = targets[start:stop]
-                mixture = MeanProb()
-                for (_, head), h, metrics in zip(parts, states, per_member, strict=True):
-                    logp = torch.log_softmax(head(h[start:stop]).float(), dim=-1)
-                    metrics.update(logp, y)
-                    mixture.add(logp)
-                    del logp
-                ensemble.update(mixture.logprobs(), y)
+        for first, batch in tqdm(
+            _batches(blocks, cfg.per_device_batch_size, mine), total=len(mine), desc="Evaluating",
+            unit="batch", disable=not show_progress or sharding.rank != 0,
+        ):  # fmt: skip
+            if sharding.accumulates:
+                scorer.begin_batch(len(batch["input_ids"]), device)
+            for targets, block_of, logits in _chunks(
+                members, parts, batch, cfg.chunk_tokens, sharding, collectives, device
+            ):
+                if sharding.accumulates:
+                    scorer.score(logits, targets, block_of)
+            if sharding.accumulates:
+                scorer.end_batch(first)
+    scorer.unpack(collectives.allreduce_sum(scorer.pack()))  # the one all-reduce of the sums
     expected = blocks.num_predictions
-    if ensemble.tokens != expected:  # a cheap guard on the protocol itself
-        raise RuntimeError(f"scored {ensemble.tokens} positions, expected {expected}")
-    return per_member, ensemble
+    tokens = int(scorer.sums[0, 0])
+    if tokens != expected:  # a cheap guard on the protocol and the sharding
+        raise RuntimeError(f"scored {tokens} positions, expected {expected}")
+    return scorer
 
 
 def results_dict(
     members: list[LoadedMember],
-    per_member: list[TokenMetrics],
-    ensemble: TokenMetrics,
+    scorer: Scorer,
+    cfg: EvalConfig,
     split: str,
     blocks: EvalBlocks,
     data_info: dict[str, Any],
+    sharding: Sharding,
 ) -> dict[str, Any]:
-    return {
+    """The results.json document (schema in the README)."""
+    n = len(members)
+    rows = {name: row_result(scorer.sums[r]) for name, r in scorer.index.items()}
+    if n == 1:  # one member: every combination is that member
+        rows.update({c: rows[members[0].name] for c in scorer.combiners})
+    boot = _bootstrap(scorer, n) if scorer.bootstrap_samples else {}
+
+    def with_ci(name: str) -> dict[str, Any]:
+        out = dict(rows[name])
+        if name in boot:
+            out["ci95"] = boot[name]
+        return out
+
+    member_rows = [
+        {"name": m.name, "seed": m.seed, "path": str(m.path), "temperature": m.temperature, **with_ci(m.name)}
+        for m in members
+    ]
+    combiner_rows = {c: with_ci(c if n > 1 else members[0].name) for c in scorer.combiners}
+    if scorer.weights is not None:
+        combiner_rows["weighted"]["weights"] = [float(w) for w in scorer.weights]
+    curve = [{"k": 1, **_curve_point(rows[members[0].name])}]
+    curve += [{"k": k, **_curve_point(rows[f"first-{k}"])} for k in range(2, n)]
+    if n > 1:
+        curve.append({"k": n, **_curve_point(rows["mean_prob"])})
+    tokens = rows["mean_prob"]["tokens"]
+    mean_member_nll = float(np.mean([rows[m.name]["nll"] for m in members]))
+    results: dict[str, Any] = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "split": split,
         "data": {
             **data_info,
             "blocks": len(blocks),
             "block_size": blocks.block_size,
-            "tokens_evaluated": ensemble.tokens,
+            "tokens_evaluated": tokens,
         },
-        "members": [
-            {"name": m.name, "seed": m.seed, "path": str(m.path), **metrics.result()}
-            for m, metrics in zip(members, per_member, strict=True)
-        ],
-        "ensemble": {"combiner": "mean_prob", "members": len(members), **ensemble.result()},
+        "evaluation": {
+            "mode": sharding.mode,
+            "processes": sharding.world_size,
+            "combiners": list(scorer.combiners),
+            "temperature_scaling": cfg.temperature_scaling,
+            "bootstrap": {
+                "samples": scorer.bootstrap_samples,
+                "seed": scorer.bootstrap_seed,
+                "method": "Poisson bootstrap over blocks, 95% percentile intervals",
+            },
+        },  # fmt: skip
+        "members": member_rows,
+        "ensemble": {"combiner": "mean_prob", "members": n, **combiner_rows["mean_prob"]},
+        "combiners": combiner_rows,
+        "curve": curve,
+        "diversity": {
+            "nll_gap": mean_member_nll - rows["mean_prob"]["nll"],
+            "mean_kl_to_mixture": float(scorer.kl[0] / tokens) if n > 1 else 0.0,
+            "disagreement": {
+                "pairs": [
+                    {
+                        "members": [members[i].name, members[j].name],
+                        "rate": float(scorer.disagree[q] / tokens),
+                    }
+                    for q, (i, j) in enumerate(scorer.pairs)
+                ],
+                "mean": float(np.mean(scorer.disagree) / tokens) if scorer.pairs else 0.0,
+            },
+        },
+        "gain": _gain(rows, members, boot),
+        "reliability": {
+            "bins": 15,
+            "rows": {
+                name: reliability(scorer.sums[scorer.index[name]])
+                for name in [*(m.name for m in members)] + (["mean_prob"] if n > 1 else [])
+            },
+        },  # fmt: skip
     }
+    return results
+
+
+def _curve_point(row: dict[str, Any]) -> dict[str, Any]:
+    return {"accuracy": row["accuracy"], "nll": row["nll"], "perplexity": row["perplexity"]}
+
+
+def _bootstrap(scorer: Scorer, n: int) -> dict[str, Any]:
+    """95% intervals of accuracy and NLL for every row, and of the gains (under "gain:*")."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        acc = scorer.boot[:, :, 0] / scorer.boot_tokens[:, None]
+        nll = scorer.boot[:, :, 1] / scorer.boot_tokens[:, None]
+    keep = scorer.boot_tokens > 0
+    acc, nll = acc[keep], nll[keep]
+    out = {name: {"accuracy": percentile_interval(acc[:, r]), "nll": percentile_interval(nll[:, r])}
+           for name, r in scorer.index.items()}  # fmt: skip
+    if n > 1:
+        members = list(range(n))
+        point_nll = scorer.sums[members, 3] / scorer.sums[members, 0]
+        point_acc = scorer.sums[members, 1] / scorer.sums[members, 0]
+        ens = scorer.index["mean_prob"]
+        best_nll, best_acc = int(np.argmin(point_nll)), int(np.argmax(point_acc))
+        out["gain:best"] = {
+            "nll": percentile_interval(nll[:, ens] - nll[:, best_nll]),
+            "accuracy": percentile_interval(acc[:, ens] - acc[:, best_acc]),
+        }
+        out["gain:mean"] = {
+            "nll": percentile_interval(nll[:, ens] - nll[:, members].mean(axis=1)),
+            "accuracy": percentile_interval(acc[:, ens] - acc[:, members].mean(axis=1)),
+        }
+    return out
+
+
+def _gain(rows: dict[str, Any], members: list[LoadedMember], boot: dict[str, Any]) -> dict[str, Any]:
+    """Ensemble (mean_prob) minus the best member and minus the average member."""
+    if len(members) == 1:
+        return {}
+    names = [m.name for m in members]
+    ens = rows["mean_prob"]
+    best_nll = min(names, key=lambda m: rows[m]["nll"])
+    best_acc = max(names, key=lambda m: rows[m]["accuracy"])
+    out = {
+        "vs_best_member": {
+            "nll": ens["nll"] - rows[best_nll]["nll"],
+            "accuracy": ens["accuracy"] - rows[best_acc]["accuracy"],
+            "perplexity_ratio": ens["perplexity"] / rows[best_nll]["perplexity"],
+            "best_member_by_nll": best_nll,
+            "best_member_by_accuracy": best_acc,
+        },
+        "vs_mean_member": {
+            "nll": ens["nll"] - float(np.mean([rows[m]["nll"] for m in names])),
+            "accuracy": ens["accuracy"] - float(np.mean([rows[m]["accuracy"] for m in names])),
+        },
+    }
+    if "gain:best" in boot:
+        out["vs_best_member"]["ci95"] = boot["gain:best"]
+        out["vs_mean_member"]["ci95"] = boot["gain:mean"]
+    return out
+
+
+@contextlib.contextmanager
+def _barrier_main_first(name: str) -> Iterator[None]:
+    """main_first with plain barriers (collective timeout), when no Worlds is at hand."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    if distributed and rank != 0:
+        dist.barrier()
+    yield
+    if distributed and rank == 0:
+        dist.barrier()
 
 
 def evaluate(
@@ -176,27 +683,49 @@ def evaluate(
     out_dir: Path,
     device: torch.device | str,
     prepared: PreparedData | None = None,
+    fit_data_cfg: DataConfig | None = None,
+    main_first: Callable[[str], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate members and their ensemble on ``split`` of ``data_cfg``; write and print the
-    results. ``prepared`` reuses data already tokenized by training."""
-    members = load_members(member_paths, device)
+    """Evaluate members and their ensemble on ``split`` of ``data_cfg``, across all processes
+    of the current world; the first process writes and prints the results. ``prepared`` reuses
+    data already tokenized by training; fits use ``fit_data_cfg`` (default: ``data_cfg``)."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    n = len(member_paths)
+    sharding = Sharding(eval_cfg.mode, rank, world, n)
+    members = load_members(member_paths, device, hold=sharding.members_held)
+    block_size = data_cfg.block_size or min(context_length(m.config) for m in members)
+    needs_fit = eval_cfg.temperature_scaling or ("weighted" in eval_cfg.combiners and n > 1)
+    fit_split = eval_cfg.fit_split
+
+    def load(cfg: DataConfig, which: str) -> PreparedData:
+        # one process fills the datasets cache, the others then read it
+        with (main_first or _barrier_main_first)(f"eval-data-{which}"):
+            return prepare_data(cfg, members[0].tokenizer, block_size, splits=(which,))
+
     if prepared is None or split not in prepared.streams:
-        block_size = data_cfg.block_size or min(context_length(m.model.config) for m in members)
-        prepared = prepare_data(data_cfg, members[0].tokenizer, block_size, splits=(split,))
+        prepared = load(data_cfg, split)
+    fit_blocks = None
+    if needs_fit:
+        fit_source = fit_data_cfg or data_cfg
+        if fit_source is data_cfg and fit_split in prepared.streams:
+            fit_prepared = prepared
+        else:
+            fit_prepared = load(fit_source, fit_split)
+        fit_blocks = fit_prepared.eval_blocks(fit_split)
     blocks = prepared.eval_blocks(split)
-    per_member, ensemble = evaluate_members(
-        members, blocks, eval_cfg.per_device_batch_size, eval_cfg.chunk_tokens, device
-    )
+    scorer = evaluate_members(members, blocks, eval_cfg, device, sharding, fit_blocks)
     fingerprint = prepared.fingerprint
     results = results_dict(
-        members,
-        per_member,
-        ensemble,
-        split,
-        blocks,
-        {"source": fingerprint["source"], **fingerprint["splits"][split]},
-    )
-    json_path, _ = write_results(results, out_dir)
-    print(format_table(results), flush=True)
-    logger.info("results written to %s", json_path)
+        members, scorer, eval_cfg, split, blocks, {"source": fingerprint["source"], **fingerprint["splits"][split]},
+        sharding,
+    )  # fmt: skip
+    if rank == 0:
+        json_path, _ = write_results(results, out_dir)
+        if eval_cfg.plots:
+            write_plots(results, out_dir)
+        print(format_table(results), flush=True)
+        logger.info("results written to %s", json_path)
     return results

@@ -21,7 +21,15 @@ from tqdm.auto import tqdm
 
 from .config import ExperimentConfig
 from .data import PreparedData, iter_texts, load_splits, prepare_data
-from .distributed import Worlds, accelerator_kwargs, launch_info, on_cpu, reset_accelerate_state, state_kwargs
+from .distributed import (
+    Worlds,
+    accelerator_kwargs,
+    launch_info,
+    local_device,
+    on_cpu,
+    reset_accelerate_state,
+    state_kwargs,
+)
 from .errors import EnsembleError
 from .evaluation import evaluate
 from .files import atomic_write_text, remove_stale_tmp
@@ -364,7 +372,6 @@ def _member_fits(cfg: ExperimentConfig, model_config: Any, block_size: int, zero
 def train_run(cfg: ExperimentConfig) -> dict[str, Any]:
     """Check everything, prepare the data once, train every member on its group of ranks,
     evaluate the ensemble."""
-    from accelerate import PartialState
 
     launch = launch_info()
     zero = load_zero(cfg)
@@ -378,6 +385,15 @@ def train_run(cfg: ExperimentConfig) -> dict[str, Any]:
         # state would not treat the world as distributed (its barriers would do nothing).
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     worlds = Worlds(cfg.parallel.timeout_s)
+    try:
+        return _run(cfg, launch, zero, worlds)
+    finally:
+        worlds.close()
+
+
+def _run(cfg: ExperimentConfig, launch: Any, zero: ZeroSetup | None, worlds: Worlds) -> dict[str, Any]:
+    from accelerate import PartialState
+
     worlds.join("run", launch.rank, launch.world_size)
 
     def state() -> Any:  # re-created after each world switch, which resets Accelerate's state
@@ -397,7 +413,7 @@ def train_run(cfg: ExperimentConfig) -> dict[str, Any]:
         check_batch(zero, cfg, layout.group_size)
     if not needs_training_text(cfg.model):
         tokenizer = load_tokenizer(cfg.model)
-    with state().main_process_first():
+    with worlds.main_first("data"):  # rank 0 fills the datasets cache (and trains a bpe tokenizer)
         raw = load_splits(cfg.data)
         if needs_training_text(cfg.model):
             if "train" not in raw:
@@ -430,19 +446,17 @@ def train_run(cfg: ExperimentConfig) -> dict[str, Any]:
     started = time.perf_counter()
     for index in layout.members_of(group):
         train_member(cfg, specs[index], data, tokenizer, model_config, paths, zero, flops)
+    worlds.wait_all("training")  # groups finish at different times (rounds, member sizes)
     if layout.num_groups > 1:
         worlds.join("evaluate", launch.rank, launch.world_size)
-    state().wait_for_everyone()
     run_info["timing"] = {"train_seconds": round(time.perf_counter() - started, 3)}
     logging.getLogger().setLevel(logging.INFO if launch.rank == 0 else logging.WARNING)
 
-    # Evaluation runs on the first process and needs no collective: the others leave now rather
-    # than wait at a barrier that would time out (parallel.timeout_s) on a long evaluation.
-    worlds.close()
-    if launch.rank != 0:
-        return {}
-    write_manifest(paths, specs, data.fingerprint, run_info)
-    device = "cuda" if not on_cpu() else "cpu"
-    return evaluate(
-        [paths.member(s) for s in specs], cfg.data, cfg.eval, cfg.eval.split, paths.root, device, data
-    )
+    if launch.rank == 0:
+        write_manifest(paths, specs, data.fingerprint, run_info)
+    # Every process takes part: the evaluator shards the test batches over the run's world.
+    results = evaluate(
+        [paths.member(s) for s in specs], cfg.data, cfg.eval, cfg.eval.split, paths.root, local_device(), data,
+        main_first=worlds.main_first,
+    )  # fmt: skip
+    return results

@@ -111,7 +111,11 @@ def test_results_are_sane(run_dir):
     table = (run_dir / "results.md").read_text()
     for i, seed in enumerate(SEEDS):
         assert f"| member-{i} (seed {seed}) |" in table
-    assert "| **Ensemble** (mean probability of 3 members) |" in table
+    assert "| **Ensemble** (mean probability) |" in table
+    for combiner in ("(mean logit)", "(geometric mean)", "(fitted weights)"):
+        assert f"| Ensemble {combiner}" in table
+    for plot in ("ensemble_size.png", "reliability.png"):
+        assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_tensorboard_recorded_each_members_metrics(run_dir):

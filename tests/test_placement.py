@@ -432,3 +432,19 @@ def test_shipped_cpu_debug_config_starts_two_ranks(tmp_path, datasets_cache):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     _ok(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env))
     assert [_training(out, i)["ranks"] for i in (0, 1)] == [[0], [1]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["slow", "dead"])
+def test_long_waits_are_bounded_by_liveness_not_by_time(mode):
+    """A peer that is slower than parallel.timeout_s is waited for; one that is gone is not."""
+    torchrun = Path(PYTHON).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "tests/helpers/worlds_probe.py", mode]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("rank 0"))
+    seconds = float(line.split(" after ")[1].split("s")[0])
+    if mode == "slow":
+        assert "passed" in line and seconds > 5  # waited past the 3 s timeout for a live peer
+    else:
+        assert "rank 1 gave no sign of life for 3s" in line
+        assert seconds < 20  # heartbeats stop: noticed after ~timeout + one beat

@@ -1,0 +1,200 @@
+"""Evaluation throughput and memory: our evaluator vs what users write today, in one run.
+
+Measured on this device, each figure in a fresh process (so its peak memory is its own):
+- ours, one member: tokens/s of the evaluator with a single member;
+- ours, N members: tokens/s of the N-member ensemble evaluation (all metrics, combiners
+  mean_prob/mean_logit/geometric, bootstrap; the validation fits are a separate pass and are
+  not timed);
+- naive: each member evaluated separately with its full logits collected on the host, then
+  the probabilities averaged (what the reference tutorial attempts with `Trainer`).
+Memory: the evaluation's own peak (peak RSS, or peak CUDA memory, above what the process held
+before the evaluation started), for a test set and for one 4x larger.
+
+    python benchmarks/evaluation.py                  # trains small members first
+    python benchmarks/evaluation.py --run runs/tiny  # or uses a run's members
+Targets: ensemble tokens/s >= 0.9 x (single-member tokens/s / N); our memory flat when the
+test set grows 4x, while the naive baseline's grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reset_peak() -> None:
+    """Start the peak-memory count afresh, so data preparation's peak does not count."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset this process's peak RSS (VmHWM)
+
+
+def _peak_bytes() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _held_bytes() -> int:
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated()
+    return psutil.Process().memory_info().rss
+
+
+def worker(
+    kind: str, members: list[str], data: str, batch_size: int, combiners: list[str], repeats: int
+) -> dict:
+    import gc
+
+    import torch
+
+    from ensemble.config import DataConfig, EvalConfig
+    from ensemble.data import collate_eval, prepare_data
+    from ensemble.evaluation import evaluate_members, load_members
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = load_members([Path(m) for m in members], device)
+    cfg = DataConfig(test_files=[data], txt_sample_by="paragraph")
+    block_size = min(m.config.n_positions for m in loaded)
+    blocks = prepare_data(cfg, loaded[0].tokenizer, block_size, splits=("test",)).eval_blocks("test")
+
+    def ours() -> int:
+        eval_cfg = EvalConfig(per_device_batch_size=batch_size, combiners=combiners)
+        return int(evaluate_members(loaded, blocks, eval_cfg, device, show_progress=False).sums[0, 0])
+
+    def naive() -> int:  # full logits of every member on the host, averaged at the end
+        all_logits, targets = [], torch.empty(0)
+        with torch.inference_mode():
+            for m in loaded:
+                chunks, ys = [], []
+                for s in range(0, len(blocks), batch_size):
+                    batch = collate_eval([blocks[i] for i in range(s, min(s + batch_size, len(blocks)))])
+                    ids, mask = batch["input_ids"].to(device), batch["target_mask"].to(device)
+                    logits = m.model(ids, attention_mask=batch["attention_mask"].to(device)).logits
+                    chunks.append(logits[:, :-1][mask].float().cpu())
+                    ys.append(ids[:, 1:][mask].cpu())
+                all_logits.append(torch.cat(chunks))
+                targets = torch.cat(ys)
+            probs = torch.stack([lg.softmax(-1) for lg in all_logits]).mean(0)
+            accuracy = (probs.argmax(-1) == targets).double().mean().item()
+            nll = -probs.gather(1, targets[:, None]).log().mean().item()
+        assert 0 <= accuracy <= 1 and nll > 0
+        return len(targets)
+
+    run = ours if kind == "ours" else naive
+    gc.collect()
+    _reset_peak()
+    before = _held_bytes()
+    times, peak, tokens = [], 0, 0
+    for repeat in range(repeats):  # the first pass doubles as warm-up; the best pass is reported
+        start = time.perf_counter()
+        tokens = run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        if repeat == 0:
+            peak = max(_peak_bytes() - before, 0)  # the memory of one evaluation
+    seconds = min(times)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "eval_peak_bytes": peak}
+
+
+def run_worker(
+    kind: str, members: list[Path], data: Path, args: argparse.Namespace, combiners: list[str]
+) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--data", str(data), "--batch-size", str(args.batch_size),
+           "--repeats", str(args.repeats), "--combiners", *combiners, "--members", *map(str, members)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", help="run directory whose members to use (default: train small ones)")
+    p.add_argument("--text", default=str(REPO.parent / "shared" / "data" / "sherlock_holmes.txt"))
+    p.add_argument("--chars", type=int, default=60_000, help="size of the smaller test set, in characters")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="passes per measurement; the best is reported")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--members", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--combiners", nargs="*", default=["mean_prob"], help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(
+            json.dumps(
+                worker(args.worker, args.members, args.data, args.batch_size, args.combiners, args.repeats)
+            )
+        )
+        return
+
+    all_combiners = ["mean_prob", "mean_logit", "geometric"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run = Path(args.run) if args.run else tmp / "run"
+        if not args.run:
+            print("training small members (configs/tiny.yaml, 50 steps each) ...", flush=True)
+            subprocess.run([sys.executable, "launch/train.py", "--config", "configs/tiny.yaml", "train.max_steps=50",
+                            "tracking.report_to=[none]", f"output.dir={run}"], cwd=REPO, check=True,
+                           capture_output=True)  # fmt: skip
+        members = sorted((run / "members").glob("member-*"))
+        text = Path(args.text).read_text()
+        files = {}
+        for label, chars in {"1x": args.chars, "4x": 4 * args.chars}.items():
+            files[label] = tmp / f"test-{label}.txt"
+            files[label].write_text(text[:chars])
+        n = len(members)
+        rows = {
+            "ours, 1 member": run_worker("ours", members[:1], files["4x"], args, ["mean_prob"]),
+            f"ours, {n} members, mean_prob": run_worker("ours", members, files["4x"], args, ["mean_prob"]),
+            f"ours, {n} members, 3 combiners": run_worker("ours", members, files["4x"], args, all_combiners),
+            f"naive, {n} members": run_worker("naive", members, files["4x"], args, []),
+        }
+        memory = {
+            (who, size): run_worker(who, members, files[size], args, all_combiners)["eval_peak_bytes"]
+            for who in ("ours", "naive")
+            for size in ("1x", "4x")
+        }
+    print(
+        f"\nthroughput on the 4x test set ({rows['ours, 1 member']['tokens']:,} tokens), best of {args.repeats}:"
+    )
+    print(f"{'':<32} {'seconds':>8} {'tokens/s':>9}")
+    for label, r in rows.items():
+        print(f"{label:<32} {r['seconds']:>8.2f} {r['tokens_per_s']:>9,.0f}")
+    single = rows["ours, 1 member"]["tokens_per_s"]
+    for label in (f"ours, {n} members, mean_prob", f"ours, {n} members, 3 combiners"):
+        ratio = rows[label]["tokens_per_s"] / (single / n)
+        print(f"{label}: tokens/s / (single-member tokens/s / {n}) = {ratio:.2f} (target >= 0.9)")
+    naive = rows[f"naive, {n} members"]["tokens_per_s"]
+    print(
+        f"ours ({n} members, 3 combiners) / naive tokens/s: {rows[f'ours, {n} members, 3 combiners']['tokens_per_s'] / naive:.2f}"
+    )
+    print("\nevaluation peak memory (one pass, above what the process held before it):")
+    for who in ("ours", "naive"):
+        small, big = memory[(who, "1x")] / 2**20, memory[(who, "4x")] / 2**20
+        print(f"{who:<6} 1x {small:8.1f} MiB   4x {big:8.1f} MiB   (x{big / max(small, 1e-9):.2f})")
+
+
+if __name__ == "__main__":
+    main()
