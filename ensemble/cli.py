@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from .config import ExperimentConfig, apply_override, config_from_dict, describe, load_config
-from .errors import ConfigError, EnsembleError
+from .errors import PREEMPTED_EXIT, ConfigError, EnsembleError, Preempted
 
 USER_ERROR = 2
 
@@ -34,6 +34,15 @@ def _where() -> str:
     return f"[rank {launch.rank}/{launch.world_size}] " if launch.distributed else ""
 
 
+class _TiedWeightsNote(logging.Filter):
+    """Accelerate warns at every checkpoint that it "removed shared tensor lm_head.weight": GPT-2
+    ties its output layer to the embedding, which is restored on load (resumes are tested
+    bitwise), so the warning says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
 def setup_logging() -> None:
     main = _rank() == 0
     logging.basicConfig(
@@ -45,11 +54,20 @@ def setup_logging() -> None:
     import datasets
     import transformers
 
+    # Accelerate logs every file of every checkpoint at INFO; ours says where each one went.
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
     transformers.logging.set_verbosity_warning()
     transformers.utils.logging.disable_progress_bar()  # per-file weight load/save bars are noise here
     datasets.logging.set_verbosity_warning()
     if not main:
         datasets.disable_progress_bars()
+
+
+def _line_start() -> str:
+    """In a multi-process job the ranks share the terminal, and another rank's progress bar may
+    have left the cursor mid-line: start our line on a fresh one."""
+    return "\n" if _where() else ""
 
 
 def guarded(main: Callable[[Sequence[str] | None], object]) -> Callable[[Sequence[str] | None], int]:
@@ -59,8 +77,16 @@ def guarded(main: Callable[[Sequence[str] | None], object]) -> Callable[[Sequenc
         try:
             main(argv)
         except EnsembleError as e:
-            print(f"error: {_where()}{e}", file=sys.stderr, flush=True)
+            print(f"{_line_start()}error: {_where()}{e}", file=sys.stderr, flush=True)
             return USER_ERROR
+        except Preempted as e:
+            print(
+                f"{_line_start()}preempted: {_where()}{e}; rerun the same command with --resume auto to continue "
+                f"(exit status {PREEMPTED_EXIT})",
+                file=sys.stderr,
+                flush=True,
+            )
+            return PREEMPTED_EXIT
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
@@ -68,7 +94,7 @@ def guarded(main: Callable[[Sequence[str] | None], object]) -> Callable[[Sequenc
             # In a multi-process job, say at once which rank failed and why, before the
             # traceback and before the launcher stops the other ranks.
             if _where():
-                print(f"error: {_where()}{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                print(f"\nerror: {_where()}{type(e).__name__}: {e}", file=sys.stderr, flush=True)
             raise
         return 0
 
@@ -83,19 +109,28 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch/train.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train seeded members and evaluate their ensemble.",
+        description="Train seeded members and evaluate their ensemble.\n\nExit status: 0 done; 2 a "
+        f"mistake in the input (one error line); {PREEMPTED_EXIT} stopped by SIGTERM/SIGUSR1 after saving "
+        "checkpoints (requeue with --resume auto).",
         epilog="overrides: dotted section.key=value pairs, values parsed as YAML.\n\n"
         "Config keys (defaults):\n" + describe(),
     )
     p.add_argument("--config", help="YAML experiment config (see configs/)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--resume",
+        metavar="auto|CHECKPOINT",
+        help="continue the run in output.dir: `auto` resumes every unfinished member from its latest "
+        "checkpoint and skips finished ones; a checkpoint folder (checkpoints/member-<i>/step-<N>) "
+        "resumes that member from it, the others as with auto",
+    )
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p
 
 
 @guarded
 def train_main(argv: Sequence[str] | None = None) -> None:
-    args = train_parser().parse_args(argv)
+    args = train_parser().parse_intermixed_args(argv)  # flags may follow the overrides
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
@@ -103,7 +138,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     from .training import train_run
 
-    train_run(cfg)
+    train_run(cfg, resume=args.resume)
 
 
 # --------------------------------------------------------------------------------------------

@@ -284,6 +284,30 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int | None = 200
+    """Save a checkpoint of each member (weights, optimizer, scheduler, RNG states, data
+    position, step) every this many optimizer steps; empty: only at epoch ends."""
+
+    at_epoch_end: bool = True
+    """Also save a checkpoint at the end of every epoch."""
+
+    keep_last: int = 2
+    """Checkpoints kept per member; older ones are deleted once a newer one is complete."""
+
+    dir: str | None = None
+    """Where checkpoints go (one folder per member). Empty: `<output.dir>/checkpoints`."""
+
+    def validate(self) -> None:
+        if self.every_steps is not None and self.every_steps < 1:
+            raise ConfigError(
+                f"checkpoint.every_steps={self.every_steps} must be at least 1 (or null for epoch ends only)"
+            )
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be at least 1")
+
+
+@dataclass
 class EvalConfig:
     per_device_batch_size: int = 64
     """Blocks per device per evaluation step."""
@@ -381,6 +405,9 @@ class ExperimentConfig:
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """How members are placed on the launched processes; DeepSpeed."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Periodic checkpoints, for resuming after preemption or a crash."""
 
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Ensemble evaluation."""

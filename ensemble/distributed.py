@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import EnsembleError
+from .errors import EnsembleError, Preempted
 
 
 @dataclass(frozen=True)
@@ -186,10 +186,27 @@ class Worlds:
         # Accelerate and DeepSpeed read these; they must describe the world we are in.
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(size)
 
-    def _wait(self, name: str, arrived: Callable[[], bool], pending: Callable[[], list[int]]) -> None:
-        """Poll until ``arrived()``; fail if a rank in ``pending()`` stops beating."""
+    STOP_KEY = "ensemble/stop"
+
+    def publish_stop(self) -> None:
+        """Tell every process of the launch that a stop was requested (see StopRequest)."""
+        if self._store is not None:
+            self._client.set(self.STOP_KEY, "1")
+
+    def stop_published(self) -> bool:
+        return self._store is not None and self._client.check([self.STOP_KEY])
+
+    def _wait(
+        self, name: str, arrived: Callable[[], bool], pending: Callable[[], list[int]], stop: Any = None
+    ) -> None:
+        """Poll until ``arrived()``; fail if a rank in ``pending()`` stops beating; leave with
+        :class:`Preempted` when ``stop`` (a StopRequest) is requested meanwhile."""
         seen: dict[int, tuple[int, float]] = {}
         while not arrived():
+            if stop is not None and stop.requested():
+                raise Preempted(
+                    f"stopped by {stop.reason()} while waiting ({name}); this process had finished"
+                )
             now = time.monotonic()
             for r in pending():
                 beats = self._client.add(f"ensemble/alive/{r}", 0)
@@ -202,8 +219,9 @@ class Worlds:
                     )
             time.sleep(self.POLL_S)
 
-    def wait_all(self, name: str) -> None:
-        """A barrier for all processes of the launch, however long the slowest takes."""
+    def wait_all(self, name: str, stop: Any = None) -> None:
+        """A barrier for all processes of the launch, however long the slowest takes (or until
+        ``stop``, a StopRequest, is requested)."""
         if self._store is None:
             return
         self._waits += 1
@@ -214,7 +232,7 @@ class Worlds:
         def pending() -> list[int]:
             return [r for r in range(world) if not self._client.check([f"{key}/{r}"])]
 
-        self._wait(name, lambda: not pending(), pending)
+        self._wait(name, lambda: not pending(), pending, stop)
 
     @contextlib.contextmanager
     def main_first(self, name: str) -> Iterator[None]:

@@ -11,3 +11,12 @@ class EnsembleError(Exception):
 
 class ConfigError(EnsembleError):
     """The configuration is invalid (unknown key, wrong type, impossible value)."""
+
+
+PREEMPTED_EXIT = 75
+"""Exit status after a stop signal (SIGTERM, SIGUSR1) was honoured: a checkpoint of every member
+in training was saved and the job can be requeued (75 is sysexits' EX_TEMPFAIL, "try again")."""
+
+
+class Preempted(Exception):
+    """Training stopped on request (a signal) after saving checkpoints; not an error."""

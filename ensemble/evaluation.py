@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from .combining import (
@@ -47,7 +48,7 @@ from .combining import (
 from .config import DataConfig, EvalConfig
 from .data import EvalBlocks, PreparedData, collate_eval, prepare_data
 from .errors import EnsembleError
-from .members import context_length, read_member_info
+from .members import context_length, read_member_info, verify_weights
 from .metrics import (
     RowSums,
     kl_sum,
@@ -93,15 +94,19 @@ def load_members(
     for i, path in enumerate(paths):
         path = Path(path)
         info = read_member_info(path)
+        name = info.get("name", path.name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             config = AutoConfig.from_pretrained(path)
             model = None
             if hold is None or i in hold:
+                verify_weights(path, info)
                 model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EnsembleError(f"cannot load member {path} ({first}); re-train or remove it") from None
+            raise EnsembleError(
+                f"cannot load member {name} ({path}): {first}; re-train or remove it"
+            ) from None
         members.append(
             LoadedMember(path, info.get("name", path.name), info.get("seed"), tokenizer, config, model)
         )

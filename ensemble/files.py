@@ -36,6 +36,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def read_record(directory: str | Path, name: str, missing: str) -> dict[str, Any]:
+    """The JSON file ``name`` whose presence marks ``directory`` as complete (a member, a
+    checkpoint); ``missing`` is the error message when it is absent."""
+    from .errors import EnsembleError
+
+    path = Path(directory) / name
+    if not path.is_file():
+        raise EnsembleError(missing)
+    return json.loads(path.read_text())
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
@@ -52,6 +63,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        fsync_tree(tmp)
         if final.exists():
             # os.replace cannot replace a non-empty directory: move the old one aside first,
             # so there is no moment without a complete version under a recognisable name.
@@ -63,6 +75,18 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_tree(directory: str | Path) -> None:
+    """Flush every file under ``directory`` to disk, so that renaming it into place publishes
+    complete files even if the machine, not just the process, goes down."""
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def remove_stale_tmp(directory: str | Path) -> list[Path]:

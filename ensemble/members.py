@@ -15,6 +15,7 @@ A member directory appears under its final name only once complete (see :mod:`fi
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 import platform
@@ -27,7 +28,8 @@ import torch
 
 from .config import ExperimentConfig, ModelConfig
 from .errors import EnsembleError
-from .files import atomic_directory, atomic_write_json, atomic_write_text
+from .faults import inject
+from .files import atomic_directory, atomic_write_json, atomic_write_text, read_record
 from .hub import require_local_or_hub
 
 MEMBER_INFO = "member.json"
@@ -192,18 +194,23 @@ def write_manifest(
     specs: list[MemberSpec],
     data_fingerprint: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    failed: set[str] = frozenset(),
 ) -> None:
-    """Record the run's members and their status (complete once their directory exists)."""
+    """Record the run's members and their status: complete (its directory exists), failed (its
+    training stopped on an error) or pending."""
     members = []
     for spec in specs:
-        done = is_complete_member(paths.member(spec))
+        if is_complete_member(paths.member(spec)):
+            status = "complete"
+        else:
+            status = "failed" if spec.name in failed else "pending"
         members.append(
             {
                 "name": spec.name,
                 "index": spec.index,
                 "seed": spec.seed,
                 "path": str(paths.member(spec).relative_to(paths.root)),
-                "status": "complete" if done else "pending",
+                "status": status,
             }
         )
     atomic_write_json(
@@ -217,6 +224,10 @@ def write_manifest(
             **(extra or {}),
         },
     )
+
+
+def read_manifest(paths: RunPaths) -> dict[str, Any]:
+    return json.loads(paths.manifest.read_text()) if paths.manifest.is_file() else {}
 
 
 def is_complete_member(path: Path) -> bool:
@@ -233,17 +244,72 @@ def save_member(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a member in Hugging Face format, atomically (complete or absent, never partial)."""
+    try:
+        _save_member(dest, model, tokenizer, spec, cfg, info, state_dict)
+    except OSError as e:
+        raise EnsembleError(
+            f"could not write {spec.name} to {dest} ({e.strerror or e}); nothing partial was kept: free "
+            "disk space or fix the permissions, then rerun with --resume auto (it resumes from its last "
+            "checkpoint)"
+        ) from None
+
+
+def _save_member(dest, model, tokenizer, spec, cfg, info, state_dict) -> None:
     with atomic_directory(dest) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if not any(tmp.glob("*.safetensors")) or not has_weights(tmp):
             # e.g. a sharded (ZeRO-3) model saved without gathering its weights
             raise EnsembleError(f"saving {spec.name} wrote no weights; it was not saved")
+        inject("kill-save", spec.index, 0)  # tests: SIGKILL with the weights half-way to disk
         tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / "config.yaml", cfg.to_yaml())
-        # member.json last: its presence marks the directory as a finished member.
+        # member.json last: its presence marks the directory as a finished member. It records the
+        # weights' checksums, so that the evaluator can tell a corrupted file from a trained one.
         atomic_write_json(
-            tmp / MEMBER_INFO, {"name": spec.name, "index": spec.index, "seed": spec.seed, **info}
+            tmp / MEMBER_INFO,
+            {
+                "name": spec.name,
+                "index": spec.index,
+                "seed": spec.seed,
+                **info,
+                "weights_sha256": weight_digests(tmp),
+            },
         )
+
+
+def weight_digests(member_dir: Path) -> dict[str, str]:
+    """sha256 of each weight file of a member directory."""
+    digests = {}
+    for file in sorted(Path(member_dir).glob("*.safetensors")):
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        digests[file.name] = h.hexdigest()
+    return digests
+
+
+def verify_weights(member_dir: Path, info: dict[str, Any]) -> None:
+    """Refuse, naming the member, a directory whose weights are missing, or differ from the
+    checksums recorded when it was saved (truncated, corrupted or replaced)."""
+    name = info.get("name", Path(member_dir).name)
+    files = sorted(Path(member_dir).glob("*.safetensors"))
+    if not files:
+        raise EnsembleError(
+            f"member {name} ({member_dir}) has no weights (no *.safetensors); re-train it or remove it "
+            "from the ensemble"
+        )
+    recorded = info.get("weights_sha256")
+    if recorded is None:
+        return  # saved elsewhere: only loading can tell
+    actual = weight_digests(member_dir)
+    for file, digest in recorded.items():
+        if actual.get(file) != digest:
+            state = "is missing" if file not in actual else "does not match the checksum saved with it"
+            raise EnsembleError(
+                f"member {name} ({member_dir}): {file} {state} (truncated, corrupted or replaced); "
+                "re-train the member (--resume auto continues from its checkpoints) or restore the file"
+            )
 
 
 def has_weights(member_dir: Path) -> bool:
@@ -270,13 +336,12 @@ def find_members(run_dir: Path) -> list[Path]:
 
 
 def read_member_info(path: Path) -> dict[str, Any]:
-    info_path = Path(path) / MEMBER_INFO
-    if not info_path.is_file():
-        raise EnsembleError(
-            f"{path} is not a finished member (no {MEMBER_INFO}); point at a member directory "
-            "written by launch/train.py"
-        )
-    return json.loads(info_path.read_text())
+    return read_record(
+        path,
+        MEMBER_INFO,
+        f"{path} is not a finished member (no {MEMBER_INFO}); point at a member directory written by "
+        "launch/train.py",
+    )
 
 
 def load_member(

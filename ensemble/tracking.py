@@ -47,8 +47,11 @@ def flat_config(cfg: ExperimentConfig) -> dict[str, Any]:
     return flat
 
 
-def make_trackers(cfg: ExperimentConfig, member_name: str, logs_dir: Path) -> list[Any]:
-    """Tracker instances for `Accelerator(log_with=...)` (an empty list logs nowhere)."""
+def make_trackers(
+    cfg: ExperimentConfig, member_name: str, logs_dir: Path, run_id: str | None = None
+) -> list[Any]:
+    """Tracker instances for `Accelerator(log_with=...)` (an empty list logs nowhere). With the
+    run's ``run_id``, a resumed member continues its wandb run instead of starting another."""
     from accelerate.tracking import TensorBoardTracker, WandBTracker
 
     names = [n for n in cfg.tracking.report_to if n != "none"]
@@ -67,6 +70,7 @@ def make_trackers(cfg: ExperimentConfig, member_name: str, logs_dir: Path) -> li
                 name=f"{run_name}/{member_name}",
                 group=run_name,
                 dir=str(logs_dir),
+                **({"id": f"{run_id}-{member_name}", "resume": "allow"} if run_id else {}),
             )
         )
     return trackers

@@ -12,14 +12,26 @@ import math
 import os
 import shutil
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import ExperimentConfig
+from .checkpointing import (
+    MemberCheckpoints,
+    Progress,
+    StopRequest,
+    check_resumable,
+    checkpoints_root,
+    read_checkpoint_info,
+    trajectory_config,
+)
+from .config import ExperimentConfig, config_from_dict
 from .data import PreparedData, iter_texts, load_splits, prepare_data
 from .distributed import (
     Worlds,
@@ -30,8 +42,9 @@ from .distributed import (
     reset_accelerate_state,
     state_kwargs,
 )
-from .errors import EnsembleError
+from .errors import EnsembleError, Preempted
 from .evaluation import evaluate
+from .faults import armed, inject
 from .files import atomic_write_text, remove_stale_tmp
 from .members import (
     MemberSpec,
@@ -41,8 +54,11 @@ from .members import (
     count_parameters,
     find_members,
     fit_model_config,
+    is_complete_member,
     load_model_config,
     member_specs,
+    read_manifest,
+    read_member_info,
     save_member,
     write_manifest,
 )
@@ -60,9 +76,14 @@ logger = logging.getLogger(__name__)
 # Checks that run before any work
 
 
-def check_output_dir(paths: RunPaths, overwrite: bool) -> None:
-    """The output directory must be writable and must not hold a run we would clobber."""
+def check_output_dir(paths: RunPaths, overwrite: bool, resume: str | None = None) -> None:
+    """The output directory must be writable and must not hold a run we would clobber (unless
+    we were asked to replace it, or to resume it)."""
     root = paths.root
+    if resume and overwrite:
+        raise EnsembleError(
+            "--resume continues the run in output.dir but output.overwrite=true would replace it; drop one"
+        )
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-probe-{os.getpid()}"
@@ -73,19 +94,19 @@ def check_output_dir(paths: RunPaths, overwrite: bool) -> None:
             f"output.dir '{root}' is not writable ({e.strerror or e}); choose a writable output.dir"
         ) from None
     existing = [p for p in (paths.manifest, root / RESULTS_JSON) if p.exists()] + find_members(root)
-    if existing and not overwrite:
+    if existing and not overwrite and not resume:
         raise EnsembleError(
-            f"output.dir '{root}' already holds a run ({existing[0].relative_to(root)}); choose "
-            "another output.dir, or pass output.overwrite=true to replace it"
+            f"output.dir '{root}' already holds a run ({existing[0].relative_to(root)}); pass --resume "
+            "auto to continue it, choose another output.dir, or pass output.overwrite=true to replace it"
         )
 
 
-def clear_previous_run(paths: RunPaths) -> None:
-    """With output.overwrite: remove the old run first, so no stale member or result can be
-    mistaken for part of the new one."""
+def clear_previous_run(paths: RunPaths, checkpoints: Path) -> None:
+    """With output.overwrite: remove the old run first, so no stale member, result or checkpoint
+    can be mistaken for part of the new one."""
     for path in (paths.manifest, paths.root / RESULTS_JSON, paths.root / RESULTS_MD, paths.config):
         path.unlink(missing_ok=True)
-    for path in (paths.members, paths.logs):
+    for path in (paths.members, paths.logs, checkpoints):
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -128,6 +149,14 @@ def _optimizer(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.optim.Opt
     )
 
 
+class MemberDiverged(EnsembleError):
+    """A member's training loss became non-finite: that member stops, the others go on."""
+
+    def __init__(self, message: str, info: dict[str, Any]):
+        super().__init__(message)
+        self.info = info
+
+
 def train_member(
     cfg: ExperimentConfig,
     spec: MemberSpec,
@@ -137,12 +166,18 @@ def train_member(
     paths: RunPaths,
     zero: ZeroSetup | None = None,
     flops: float | None = None,
+    resume_from: Path | None = None,
+    stop: StopRequest | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Train one member on the processes of the current world and save it. Returns its
-    training summary. Knows nothing of placement: the world it runs in is its group."""
+    """Train one member on the processes of the current world and save it, from scratch or
+    from the checkpoint ``resume_from``, checkpointing on the way. Returns its training summary.
+    Knows nothing of placement: the world it runs in is its group.
+
+    Raises :class:`Preempted` after checkpointing when ``stop`` is requested, and
+    :class:`MemberDiverged` when the loss becomes non-finite."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
-    from transformers import get_scheduler
 
     t = cfg.train
     mixed_precision = resolve_mixed_precision(t.mixed_precision)
@@ -157,12 +192,33 @@ def train_member(
         deepspeed_plugin=make_plugin(zero, cfg) if zero else None,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
-        log_with=make_trackers(cfg, spec.name, paths.logs) or None,
+        log_with=make_trackers(cfg, spec.name, paths.logs, run_id) or None,
         # The sampler's order depends on the member's seed and the epoch only, so it is the
         # same on every rank and after a restart.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=spec.seed),
         step_scheduler_with_optimizer=False,
     )
+    try:
+        return _train_prepared(
+            accelerator, model, cfg, spec, data, tokenizer, model_config, paths, zero, flops,
+            mixed_precision, resume_from, stop,
+        )  # fmt: skip
+    finally:
+        # Not accelerator.end_training(): it also destroys the process group, which the next
+        # member and the evaluation still need. train_run tears the worlds down at the end.
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        accelerator.free_memory()
+        reset_accelerate_state()
+
+
+def _train_prepared(
+    accelerator, model, cfg, spec, data, tokenizer, model_config, paths, zero, flops, mixed_precision,
+    resume_from, stop,
+) -> dict[str, Any]:  # fmt: skip
+    from transformers import get_scheduler
+
+    t = cfg.train
     if (
         accelerator.device.type == "cpu"
         and torch.get_num_threads() == 1
@@ -176,11 +232,16 @@ def train_member(
         )
     peak, peak_source = peak_tflops(accelerator.device, mixed_precision, t.peak_tflops)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    checkpoints = MemberCheckpoints(checkpoints_root(cfg), spec.name)
     # Dropout draws from the process RNG: seed it from the member (and rank, so data-parallel
     # replicas drop different units) and restore it afterwards, so members do not share a stream.
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(spec.seed + accelerator.process_index)
-        loader = DataLoader(data.train_blocks(), batch_size=t.per_device_batch_size, shuffle=True)
+        # The loader draws a base seed at every epoch start: from a generator of its own, not from
+        # the process RNG that drives dropout, so that resuming mid-epoch cannot shift dropout.
+        loader = DataLoader(
+            data.train_blocks(), batch_size=t.per_device_batch_size, shuffle=True, generator=torch.Generator()
+        )
         model, optimizer, loader = accelerator.prepare(model, _optimizer(model, cfg), loader)
         steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
         total_steps = t.max_steps or steps_per_epoch * t.num_epochs
@@ -193,7 +254,26 @@ def train_member(
                 total_steps,
                 t.lr,
             )
-        scheduler = accelerator.prepare(get_scheduler(t.lr_scheduler, optimizer, t.warmup_steps, total_steps))
+        # prepare_scheduler, not prepare: under DeepSpeed, prepare() of a lone scheduler returns it
+        # unregistered, and save_state would then leave it out of the checkpoints.
+        scheduler = accelerator.prepare_scheduler(
+            get_scheduler(t.lr_scheduler, optimizer, t.warmup_steps, total_steps)
+        )
+        progress = Progress()
+        accelerator.register_for_checkpointing(progress)
+        train_sha = data.fingerprint["splits"]["train"]["sha256"]
+        if resume_from is not None:
+            info = read_checkpoint_info(resume_from)
+            check_resumable(
+                resume_from, info, cfg, spec.name, spec.seed, accelerator.num_processes, train_sha
+            )
+            # Model, optimizer, scheduler, every rank's RNG states, the accumulation counter and
+            # our progress (step, data position, logging window).
+            accelerator.load_state(str(resume_from))
+            resumed = {"checkpoint": str(resume_from), "step": progress.step}
+            logger.info(
+                "%s resumes from %s (step %d of %d)", spec.name, resume_from, progress.step, total_steps
+            )
         accelerator.init_trackers(cfg.tracking.project, config={"member.seed": spec.seed, **flat_config(cfg)})
         ranks = accelerator.gather(torch.tensor([launch_info().rank], device=accelerator.device)).tolist()
         logger.info(
@@ -211,19 +291,21 @@ def train_member(
             peak_source,
         )
         throughput = {"flops_per_token": flops, "peak_tflops": peak}
-        summary = _loop(
-            accelerator,
-            model,
-            optimizer,
-            loader,
-            scheduler,
-            cfg,
-            spec,
-            total_steps,
-            steps_per_epoch,
-            throughput,
-        )
+        checkpoint_info = {
+            "member": spec.name,
+            "index": spec.index,
+            "seed": spec.seed,
+            "processes": accelerator.num_processes,
+            "zero_stage": zero.stage if zero else None,
+            "total_steps": total_steps,
+            "config": trajectory_config(cfg, spec.seed),
+            "train_sha256": train_sha,
+        }
+        loop = _Loop(accelerator, model, optimizer, loader, scheduler, cfg, spec, progress, checkpoints)
+        summary = loop.run(total_steps, steps_per_epoch, throughput, checkpoint_info, stop, resume_from)
     summary.update(ranks=ranks, zero_stage=zero.stage if zero else None, peak_source=peak_source)
+    if resume_from is not None:
+        summary["resumed_from"] = resumed
 
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3: every rank calls it
@@ -234,108 +316,172 @@ def train_member(
         )
         logger.info("%s saved to %s", spec.name, paths.member(spec))
     accelerator.wait_for_everyone()
-    # Not accelerator.end_training(): it also destroys the process group, which the next member
-    # and the evaluation still need. train_run tears the worlds down at the end.
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    accelerator.free_memory()
-    reset_accelerate_state()
     return summary
 
 
-def _inject_fault(spec: MemberSpec, step: int) -> None:
-    """Testing hook: ENSEMBLE_FAIL_MEMBER="<member index>:<step>" makes that member raise at
-    that optimizer step, so tests can check that one failing member ends the whole job."""
-    target = os.environ.get("ENSEMBLE_FAIL_MEMBER")
-    if target and target == f"{spec.index}:{step}":
-        raise RuntimeError(f"injected failure in {spec.name} at step {step} (ENSEMBLE_FAIL_MEMBER)")
+class _Loop:
+    """One member's optimisation loop, resumable at any optimizer step from its `Progress`."""
 
+    def __init__(self, accelerator, model, optimizer, loader, scheduler, cfg, spec, progress, checkpoints):
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.loader, self.scheduler, self.cfg, self.spec = loader, scheduler, cfg, spec
+        self.p: Progress = progress
+        self.checkpoints: MemberCheckpoints = checkpoints
+        self.window_loss = torch.tensor(progress.window_loss, device=accelerator.device)
+        self.started = time.perf_counter()
 
-def _loop(
-    accelerator, model, optimizer, loader, scheduler, cfg, spec, total_steps, steps_per_epoch, throughput
-) -> dict[str, Any]:
-    t = cfg.train
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    model.train()
-    step, tokens = 0, 0
-    window_loss = torch.zeros((), device=accelerator.device)
-    window_batches, window_tokens = 0, 0
-    start = window_start = time.perf_counter()
-    last_loss = math.nan
-    # A context manager, so the bar is closed (not redrawn later) when an error ends training.
-    with tqdm(
-        total=total_steps,
-        desc=f"{spec.name} (seed {spec.seed})",
-        unit="step",
-        disable=not accelerator.is_main_process,  # one bar per member, from its group's first rank
-    ) as progress:
-        for _epoch in range(epochs):
-            for batch in loader:
-                with accelerator.accumulate(model):
-                    loss = model(input_ids=batch, labels=batch).loss
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and t.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad()
-                window_loss += loss.detach()
-                window_batches += 1
-                window_tokens += batch.numel() * accelerator.num_processes
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                progress.update(1)
-                _inject_fault(spec, step)
-                if step % t.logging_steps == 0 or step == total_steps:
-                    mean_loss = accelerator.reduce(window_loss / window_batches, "mean").item()
-                    if not math.isfinite(mean_loss):
-                        raise EnsembleError(
-                            f"{spec.name} (seed {spec.seed}): the training loss became {mean_loss} by "
-                            f"step {step}; lower train.lr or enable train.max_grad_norm"
+    def seconds(self) -> float:
+        return self.p.seconds + (time.perf_counter() - self.started)
+
+    def run(
+        self, total_steps, steps_per_epoch, throughput, checkpoint_info, stop, resume_from
+    ) -> dict[str, Any]:
+        from accelerate import skip_first_batches
+
+        acc, p, t, c, spec = self.accelerator, self.p, self.cfg.train, self.cfg.checkpoint, self.spec
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        saved_step = p.step if resume_from is not None else None  # that state is already on disk
+        window_start = time.perf_counter()
+        self.model.train()
+        # A context manager, so the bar is closed (not redrawn later) when an error ends training.
+        with tqdm(
+            total=total_steps,
+            initial=p.step,
+            desc=f"{spec.name} (seed {spec.seed})",
+            unit="step",
+            disable=not acc.is_main_process,  # one bar per member, from its group's first rank
+        ) as bar:
+            while p.step < total_steps and p.epoch < epochs:
+                # The epoch sets the sampler's order (seed + epoch); a resumed epoch skips what it
+                # had already trained on.
+                self.loader.set_epoch(p.epoch)
+                batches = (
+                    skip_first_batches(self.loader, p.batch_in_epoch) if p.batch_in_epoch else self.loader
+                )
+                for batch in batches:
+                    with acc.accumulate(self.model):
+                        loss = self.model(input_ids=batch, labels=batch).loss
+                        if armed("nan", spec.index, p.step + 1):
+                            loss = loss * math.nan
+                        acc.backward(loss)
+                        if acc.sync_gradients and t.max_grad_norm is not None:
+                            acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+                        self.optimizer.step()
+                        if acc.sync_gradients:
+                            self.scheduler.step()
+                        self.optimizer.zero_grad()
+                    p.batch_in_epoch += 1
+                    self.window_loss += loss.detach()
+                    p.window_batches += 1
+                    p.window_tokens += batch.numel() * acc.num_processes
+                    if not acc.sync_gradients:
+                        continue
+                    p.step += 1
+                    if acc.gradient_state.end_of_dataloader:  # the position is always "next batch"
+                        p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+                    bar.update(1)
+                    inject("raise", spec.index, p.step)
+                    inject("kill", spec.index, p.step)
+                    if p.step % t.logging_steps == 0 or p.step == total_steps:
+                        mean_loss = self._check_finite()
+                        now = time.perf_counter()
+                        p.tokens += p.window_tokens
+                        tokens_per_s = p.window_tokens / max(now - window_start, 1e-9)
+                        metrics = {
+                            "train/loss": mean_loss,
+                            "train/lr": self.scheduler.get_last_lr()[0],
+                            "train/tokens_per_s": tokens_per_s,
+                            "train/epoch": p.step / steps_per_epoch,
+                        }
+                        utilisation = mfu(
+                            throughput["flops_per_token"],
+                            tokens_per_s,
+                            throughput["peak_tflops"],
+                            acc.num_processes,
                         )
-                    now = time.perf_counter()
-                    tokens += window_tokens
-                    tokens_per_s = window_tokens / (now - window_start)
-                    metrics = {
-                        "train/loss": mean_loss,
-                        "train/lr": scheduler.get_last_lr()[0],
-                        "train/tokens_per_s": tokens_per_s,
-                        "train/epoch": step / steps_per_epoch,
-                    }
-                    utilisation = mfu(
-                        throughput["flops_per_token"],
-                        tokens_per_s,
-                        throughput["peak_tflops"],
-                        accelerator.num_processes,
+                        if utilisation is not None:
+                            metrics["train/mfu"] = utilisation
+                        acc.log(metrics, step=p.step)
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
+                        p.last_loss = mean_loss
+                        self.window_loss.zero_()
+                        p.window_batches, p.window_tokens, window_start = 0, 0, now
+                    if p.step >= total_steps:
+                        break  # the finished member is saved next: no checkpoint needed
+                    due = (c.every_steps is not None and p.step % c.every_steps == 0) or (
+                        c.at_epoch_end and p.batch_in_epoch == 0
                     )
-                    if utilisation is not None:
-                        metrics["train/mfu"] = utilisation
-                    accelerator.log(metrics, step=step)
-                    progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
-                    last_loss = mean_loss
-                    window_loss.zero_()
-                    window_batches, window_tokens, window_start = 0, 0, now
-                if step >= total_steps:
-                    break
-            if step >= total_steps:
-                break
-    seconds = time.perf_counter() - start
-    tokens_per_s = tokens / seconds if seconds > 0 else 0.0
-    return {
-        "steps": step,
-        "epochs": epochs,
-        "processes": accelerator.num_processes,
-        "tokens": tokens,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": tokens_per_s,
-        "final_loss": last_loss,
-        **throughput,
-        "mfu": mfu(
-            throughput["flops_per_token"], tokens_per_s, throughput["peak_tflops"], accelerator.num_processes
-        ),
-    }
+                    stopping = stop is not None and stop.agreed(acc.device)
+                    if (due or stopping) and p.step != saved_step:
+                        self._save(checkpoint_info)
+                        saved_step = p.step
+                    if stopping:
+                        raise Preempted(
+                            f"stopped by {stop.reason()}: {spec.name} checkpointed at step {p.step} of "
+                            f"{total_steps} in {self.checkpoints.dir}"
+                        )
+        seconds = self.seconds()
+        tokens_per_s = p.tokens / seconds if seconds > 0 else 0.0
+        return {
+            "steps": p.step,
+            "epochs": epochs,
+            "processes": acc.num_processes,
+            "tokens": p.tokens,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": tokens_per_s,
+            "final_loss": p.last_loss,
+            **throughput,
+            "mfu": mfu(
+                throughput["flops_per_token"], tokens_per_s, throughput["peak_tflops"], acc.num_processes
+            ),
+        }
+
+    def _check_finite(self, weights: bool = False) -> float:
+        """The mean loss of the window, over the group; stops the member if it (or, with
+        ``weights``, a weight) is not finite."""
+        from accelerate.utils import DistributedType
+
+        acc, p, spec = self.accelerator, self.p, self.spec
+        mean_loss = acc.reduce(self.window_loss / max(p.window_batches, 1), "mean")
+        bad = not torch.isfinite(mean_loss).item()
+        # (under DeepSpeed the weights live in its shards; the loss check is what remains)
+        if weights and not bad and acc.distributed_type != DistributedType.DEEPSPEED:
+            finite = torch.tensor(
+                [float(all(torch.isfinite(w).all() for w in self.model.parameters()))], device=acc.device
+            )
+            bad = acc.reduce(finite, "min").item() == 0
+        if bad:
+            last = self.checkpoints.latest()
+            what = (
+                f"loss became {mean_loss.item()}"
+                if not torch.isfinite(mean_loss).item()
+                else "weights became non-finite"
+            )
+            info = {
+                "member": spec.name,
+                "seed": spec.seed,
+                "step": p.step,
+                "after_step": p.checked_step,
+                "last_good_checkpoint": str(last) if last else None,
+            }
+            raise MemberDiverged(
+                f"{spec.name} (seed {spec.seed}): the training {what} between steps {p.checked_step} "
+                f"and {p.step}; last good checkpoint: {last or 'none'}; lower train.lr (or set "
+                "train.max_grad_norm) and train into a new output.dir",
+                info,
+            )
+        p.checked_step = p.step
+        return mean_loss.item()
+
+    def _save(self, checkpoint_info: dict[str, Any]) -> None:
+        self._check_finite(weights=True)  # never checkpoint a diverged member
+        self.p.window_loss = self.window_loss.item()
+        self.p.seconds = self.seconds()
+        path = self.checkpoints.save(
+            self.accelerator, self.p, checkpoint_info, self.cfg.checkpoint.keep_last, self.spec.index
+        )
+        logger.info("%s: checkpoint %s", self.spec.name, path)
+        self.started = time.perf_counter()  # the clock goes on from the saved value, as after a resume
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,9 +515,10 @@ def _member_fits(cfg: ExperimentConfig, model_config: Any, block_size: int, zero
     return fits
 
 
-def train_run(cfg: ExperimentConfig) -> dict[str, Any]:
+def train_run(cfg: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
     """Check everything, prepare the data once, train every member on its group of ranks,
-    evaluate the ensemble."""
+    evaluate the ensemble. ``resume``: None (a new run), "auto" (continue every unfinished member
+    from its latest checkpoint, skip finished ones) or the path of one member's checkpoint."""
 
     launch = launch_info()
     zero = load_zero(cfg)
@@ -386,12 +533,78 @@ def train_run(cfg: ExperimentConfig) -> dict[str, Any]:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     worlds = Worlds(cfg.parallel.timeout_s)
     try:
-        return _run(cfg, launch, zero, worlds)
+        return _run(cfg, launch, zero, worlds, resume)
     finally:
         worlds.close()
 
 
-def _run(cfg: ExperimentConfig, launch: Any, zero: ZeroSetup | None, worlds: Worlds) -> dict[str, Any]:
+@dataclass
+class ResumePlan:
+    """Which members to skip (complete) and which checkpoint each other member starts from."""
+
+    complete: set[int] = field(default_factory=set)
+    start: dict[int, Path] = field(default_factory=dict)
+    explicit: int | None = None  # the member of `--resume PATH`
+
+
+def plan_resume(
+    cfg: ExperimentConfig, paths: RunPaths, specs: list[MemberSpec], resume: str | None, processes: int
+) -> ResumePlan:
+    """Check that the run in output.dir is this experiment and find where each member resumes;
+    every mismatch is a one-line error before any work."""
+    plan = ResumePlan()
+    if resume is None:
+        return plan
+    if paths.config.is_file():
+        saved = config_from_dict(yaml.safe_load(paths.config.read_text()) or {})
+        changed = [
+            f"{k}: {v!r} -> {trajectory_config(cfg, 0).get(k)!r}"
+            for k, v in trajectory_config(saved, 0).items()
+            if trajectory_config(cfg, 0).get(k) != v
+        ]
+        if changed:
+            raise EnsembleError(
+                f"output.dir '{paths.root}' holds a run trained with a different config "
+                f"({'; '.join(changed[:3])}); resume with its config.yaml, or train into a new output.dir"
+            )
+    for spec in specs:
+        if is_complete_member(paths.member(spec)):
+            seed = read_member_info(paths.member(spec)).get("seed")
+            if seed != spec.seed:
+                raise EnsembleError(
+                    f"{spec.name} in '{paths.root}' was trained with seed {seed} but the config gives it "
+                    f"seed {spec.seed}; keep members.seeds as they were (append new seeds at the end)"
+                )
+            plan.complete.add(spec.index)
+    if resume != "auto":
+        path = Path(resume)
+        info = read_checkpoint_info(path)
+        index = info.get("index")
+        if not isinstance(index, int) or index >= len(specs) or specs[index].name != info.get("member"):
+            raise EnsembleError(
+                f"checkpoint {path} is of {info.get('member')}, which this config does not have "
+                f"({len(specs)} members); pass a checkpoint of one of its members"
+            )
+        if index in plan.complete:
+            logger.warning(
+                "%s is complete; it is trained again from %s and replaced", specs[index].name, path
+            )
+            plan.complete.discard(index)
+        plan.explicit, plan.start[index] = index, path
+    root = checkpoints_root(cfg)
+    for spec in specs:
+        if spec.index in plan.complete:
+            continue
+        start = plan.start.get(spec.index) or MemberCheckpoints(root, spec.name).latest()
+        if start is not None:
+            check_resumable(start, read_checkpoint_info(start), cfg, spec.name, spec.seed, processes, None)
+            plan.start[spec.index] = start
+    return plan
+
+
+def _run(
+    cfg: ExperimentConfig, launch: Any, zero: ZeroSetup | None, worlds: Worlds, resume: str | None
+) -> dict[str, Any]:
     from accelerate import PartialState
 
     worlds.join("run", launch.rank, launch.world_size)
@@ -402,7 +615,7 @@ def _run(cfg: ExperimentConfig, launch: Any, zero: ZeroSetup | None, worlds: Wor
     paths = RunPaths(Path(cfg.output.dir))
     specs = member_specs(cfg)
     # Cheap checks first: a mistake should cost seconds, not a dataset download.
-    check_output_dir(paths, cfg.output.overwrite)
+    check_output_dir(paths, cfg.output.overwrite, resume)
     base_config = load_model_config(cfg.model)
     block_size = resolve_block_size(cfg, base_config)
     layout = plan_layout(
@@ -411,6 +624,7 @@ def _run(cfg: ExperimentConfig, launch: Any, zero: ZeroSetup | None, worlds: Wor
     )  # fmt: skip
     if zero:
         check_batch(zero, cfg, layout.group_size)
+    plan = plan_resume(cfg, paths, specs, resume, layout.group_size)
     if not needs_training_text(cfg.model):
         tokenizer = load_tokenizer(cfg.model)
     with worlds.main_first("data"):  # rank 0 fills the datasets cache (and trains a bpe tokenizer)
@@ -418,25 +632,43 @@ def _run(cfg: ExperimentConfig, launch: Any, zero: ZeroSetup | None, worlds: Wor
         if needs_training_text(cfg.model):
             if "train" not in raw:
                 raise EnsembleError("model.tokenizer=bpe needs a training split to learn from")
-            if launch.rank == 0:
+            if launch.rank == 0 and not (resume and paths.tokenizer.is_dir()):
                 tokenizer = load_tokenizer(cfg.model, iter_texts(raw["train"], cfg.data), paths.tokenizer)
-            else:  # the main process's tokenizer, never one trained separately
+            else:  # the run's tokenizer, never one trained separately
                 tokenizer = load_pretrained_tokenizer(paths.tokenizer)
         data = prepare_data(cfg.data, tokenizer, block_size, raw=raw)
     model_config = fit_model_config(cfg.model, base_config, tokenizer)
     flops = flops_per_token(model_config, block_size)  # before any DeepSpeed plugin exists
-    run_info = {"layout": layout.summary()}
+    run_info: dict[str, Any] = {"layout": layout.summary()}
+    ckpt_root = checkpoints_root(cfg)
     if launch.rank == 0:
         for line in layout.describe():
             logger.info(line)
+        previous = read_manifest(paths) if resume else {}
         if cfg.output.overwrite:
-            clear_previous_run(paths)
+            clear_previous_run(paths, ckpt_root)
         paths.members.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(paths.members)
         remove_stale_tmp(paths.root)
+        for spec in specs:
+            member_ckpts = MemberCheckpoints(ckpt_root, spec.name)
+            remove_stale_tmp(member_ckpts.dir)  # interrupted checkpoint saves
+            if spec.index not in plan.complete:
+                member_ckpts.clear_failure()
+        if plan.explicit is not None:
+            start = plan.start[plan.explicit]
+            dropped = MemberCheckpoints(ckpt_root, specs[plan.explicit].name).drop_after(
+                MemberCheckpoints.step_of(start)
+            )
+            if dropped:
+                logger.warning(
+                    "removed %s: later than the checkpoint resumed from", ", ".join(map(str, dropped))
+                )
+        run_info["run_id"] = previous.get("run_id") or uuid.uuid4().hex[:12]
         atomic_write_text(paths.config, cfg.to_yaml())
         write_manifest(paths, specs, data.fingerprint, run_info)
     state().wait_for_everyone()
+    run_info["run_id"] = read_manifest(paths)["run_id"]  # rank 0's, on every rank
 
     group = layout.group_of(launch.rank)
     if layout.num_groups > 1:
@@ -444,19 +676,45 @@ def _run(cfg: ExperimentConfig, launch: Any, zero: ZeroSetup | None, worlds: Wor
     # INFO from each group's first rank (its member's progress), warnings from every rank.
     logging.getLogger().setLevel(logging.INFO if layout.rank_in_group(launch.rank) == 0 else logging.WARNING)
     started = time.perf_counter()
-    for index in layout.members_of(group):
-        train_member(cfg, specs[index], data, tokenizer, model_config, paths, zero, flops)
-    worlds.wait_all("training")  # groups finish at different times (rounds, member sizes)
-    if layout.num_groups > 1:
-        worlds.join("evaluate", launch.rank, launch.world_size)
+    device = local_device()
+    with StopRequest(publish=worlds.publish_stop, seen=worlds.stop_published) as stop:
+        for index in layout.members_of(group):
+            spec = specs[index]
+            if index in plan.complete:
+                logger.info("%s is complete: skipped", spec.name)
+                continue
+            if stop.agreed(device):
+                raise Preempted(f"stopped by {stop.reason()} before {spec.name} started")
+            try:
+                train_member(
+                    cfg, spec, data, tokenizer, model_config, paths, zero, flops,
+                    resume_from=plan.start.get(index), stop=stop, run_id=run_info["run_id"],
+                )  # fmt: skip
+            except MemberDiverged as e:
+                # That member stops; the group goes on with its other members.
+                logger.error("%s", e)
+                if layout.rank_in_group(launch.rank) == 0:
+                    MemberCheckpoints(ckpt_root, spec.name).record_failure({**e.info, "error": str(e)})
+        worlds.wait_all("training", stop=stop)  # groups finish at different times (rounds, member sizes)
+        if layout.num_groups > 1:
+            worlds.join("evaluate", launch.rank, launch.world_size)
+        if stop.agreed(device):
+            raise Preempted(f"stopped by {stop.reason()} after training; the evaluation did not run")
     run_info["timing"] = {"train_seconds": round(time.perf_counter() - started, 3)}
     logging.getLogger().setLevel(logging.INFO if launch.rank == 0 else logging.WARNING)
 
+    failures = [f for s in specs if (f := MemberCheckpoints(ckpt_root, s.name).failure())]
     if launch.rank == 0:
-        write_manifest(paths, specs, data.fingerprint, run_info)
+        write_manifest(paths, specs, data.fingerprint, run_info, failed={f["member"] for f in failures})
+    if failures:
+        kept = [s.name for s in specs if is_complete_member(paths.member(s))]
+        raise EnsembleError(
+            " | ".join(f["error"] for f in failures)
+            + f" | kept: {', '.join(kept) or 'no member'} (complete); the ensemble was not evaluated"
+        )
     # Every process takes part: the evaluator shards the test batches over the run's world.
     results = evaluate(
-        [paths.member(s) for s in specs], cfg.data, cfg.eval, cfg.eval.split, paths.root, local_device(), data,
+        [paths.member(s) for s in specs], cfg.data, cfg.eval, cfg.eval.split, paths.root, device, data,
         main_first=worlds.main_first,
     )  # fmt: skip
     return results

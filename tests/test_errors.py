@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -84,7 +85,8 @@ def test_existing_run_is_never_clobbered(tmp_path, capsys, datasets_cache):
     _fails(
         capsys,
         tiny_overrides(out, datasets_cache, members__seeds="[2]"),
-        "already holds a run (manifest.json); choose another output.dir, or pass output.overwrite=true",
+        "already holds a run (manifest.json); pass --resume auto to continue it, choose another "
+        "output.dir, or pass output.overwrite=true to replace it",
     )
     assert all(p.read_bytes() == b for p, b in before.items())
     # with overwrite the old run is replaced, and no stale member survives
@@ -113,20 +115,28 @@ def test_failed_member_leaves_no_member_directory(tmp_path, capsys, datasets_cac
     assert not (members / "member-0").exists()
     assert [p.name for p in members.iterdir()] == []  # no temporary directory either
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["members"][0]["status"] == "pending"
+    assert manifest["members"][0]["status"] == "failed"
     assert not (out / "results.json").exists()
 
 
 def test_crash_while_saving_leaves_nothing_that_looks_finished(tmp_path, capsys, datasets_cache, monkeypatch):
     import ensemble.members as members_mod
 
-    def broken(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    real = members_mod.atomic_write_json
 
-    monkeypatch.setattr(members_mod, "atomic_write_json", broken)  # fails after the weights are written
+    def broken(path, obj):
+        if Path(path).name == members_mod.MEMBER_INFO:  # the member's last file, after its weights
+            raise OSError(28, "No space left on device")
+        real(path, obj)
+
+    monkeypatch.setattr(members_mod, "atomic_write_json", broken)
     out = tmp_path / "run"
-    with pytest.raises(OSError):
-        train_main(tiny_overrides(out, datasets_cache, members__seeds="[1]"))
+    _fails(
+        capsys,
+        tiny_overrides(out, datasets_cache, members__seeds="[1]"),
+        f"could not write member-0 to {out / 'members' / 'member-0'} (No space left on device); nothing "
+        "partial was kept",
+    )
     assert list((out / "members").iterdir()) == []
 
 

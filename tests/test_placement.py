@@ -357,7 +357,7 @@ def test_a_failing_member_ends_the_job_quickly_with_its_error_first(tmp_path, da
     import os
 
     out = tmp_path / "run"
-    env = {**os.environ, "ENSEMBLE_FAIL_MEMBER": "1:3"}
+    env = {**os.environ, "ENSEMBLE_FAULT": "raise:1:3"}
     proc, elapsed = _torchrun(
         2, out, datasets_cache, timeout=300, env=env, members__seeds="[11, 12]",
         parallel__placement="parallel", train__max_steps=2000, parallel__timeout_s=60,
@@ -365,7 +365,7 @@ def test_a_failing_member_ends_the_job_quickly_with_its_error_first(tmp_path, da
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors and errors[0] == (
-        "error: [rank 1/2] RuntimeError: injected failure in member-1 at step 3 (ENSEMBLE_FAIL_MEMBER)"
+        "error: [rank 1/2] RuntimeError: injected failure in member-1 at step 3 (ENSEMBLE_FAULT)"
     )
     assert elapsed < 120, f"the job took {elapsed:.0f}s to stop"  # member-0 alone needs 2000 steps
     assert not (out / "members" / "member-1").exists()
