@@ -323,10 +323,16 @@ def test_two_processes_parallel_sigterm_to_the_launcher_then_resume(tmp_path, da
     assert not stray_temporaries(out)
 
 
-def test_two_processes_sequential_killed_mid_checkpoint_then_resume(tmp_path, datasets_cache, small_text):
-    """Both ranks train each member (DDP); rank 1 is SIGKILLed half-way through a checkpoint."""
+@pytest.mark.parametrize("zero", [None, 3], ids=["ddp", "zero3"])
+def test_two_processes_sequential_killed_mid_checkpoint_then_resume(
+    zero, tmp_path, datasets_cache, small_text
+):
+    """Both ranks train each member (DDP, or DeepSpeed ZeRO-3 with its sharded optimizer and
+    weights); rank 1 is SIGKILLed half-way through a checkpoint."""
     env = {k: v for k, v in os.environ.items() if k != "ENSEMBLE_FAULT"}
     common = {"members__seeds": "[42, 123]", "parallel__placement": "sequential"}
+    if zero:
+        common["parallel__deepspeed"] = str(REPO / "configs" / "deepspeed" / f"zero{zero}.json")
     ref = tmp_path / "ref"
     ok(
         subprocess.run(
@@ -358,7 +364,9 @@ def test_two_processes_sequential_killed_mid_checkpoint_then_resume(tmp_path, da
     info = json.loads(
         (out / "checkpoints/member-1" / checkpoints(out, 1).latest().name / "checkpoint.json").read_text()
     )
-    assert info["processes"] == 2
+    assert (info["processes"], info["zero_stage"]) == (2, zero)
+    # the learning-rate schedule is part of every checkpoint (under DeepSpeed too)
+    assert (checkpoints(out, 1).latest() / "scheduler.bin").is_file()
     assert not stray_temporaries(out)
 
 
