@@ -93,9 +93,26 @@ def trajectory_config(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
     return flat
 
 
-def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The keys on which two trajectory configs differ, as `key: old -> new` (the first three),
+    or None when they agree."""
     keys = sorted(saved.keys() | now.keys())
-    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+    changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+    if not changed:
+        return None
+    return "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+
+
+def any_rank(flag: bool, device: torch.device | str) -> bool:
+    """Whether ``flag`` is set on any rank of the current world. A collective: every rank of the
+    world calls it at the same point, so that all take the same branch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
 
 
 def checkpoints_root(cfg: ExperimentConfig) -> Path:
@@ -216,10 +233,7 @@ class MemberCheckpoints:
 
 def _agree(accelerator: Any, failure: OSError | None) -> OSError | None:
     """Every rank of the group learns whether any rank failed, so that all stop together."""
-    if accelerator.num_processes == 1:
-        return failure
-    flag = torch.tensor([0.0 if failure is None else 1.0], device=accelerator.device)
-    if accelerator.reduce(flag, "max").item() and failure is None:
+    if any_rank(failure is not None, accelerator.device) and failure is None:
         return OSError("another rank of the group failed to write its part")
     return failure
 
@@ -257,9 +271,10 @@ def check_resumable(
     name: str,
     seed: int,
     processes: int,
-    train_sha256: str | None,
 ) -> None:
-    """Refuse, in one line, a checkpoint that does not belong to this member under this config."""
+    """Refuse, in one line, a checkpoint that does not belong to this member under this config
+    and this number of processes (the training data are checked by :func:`check_training_data`,
+    once they are prepared)."""
     if info.get("member") == name and info.get("seed") != seed:
         raise EnsembleError(
             f"checkpoint {path} of {name} was trained with seed {info.get('seed')} but the config gives "
@@ -270,24 +285,27 @@ def check_resumable(
             f"checkpoint {path} is of {info.get('member')} (seed {info.get('seed')}), not {name} "
             f"(seed {seed}); pass a checkpoint of {name}"
         )
-    changed = _differences(info.get("config", {}), trajectory_config(cfg, seed))
+    changed = config_differences(info.get("config", {}), trajectory_config(cfg, seed))
     if changed:
-        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
         raise EnsembleError(
-            f"checkpoint {path} was written with a different config ({shown}); resume with the "
+            f"checkpoint {path} was written with a different config ({changed}); resume with the "
             "config it was trained with (the run's config.yaml), or train into a new output.dir"
-        )
-    if train_sha256 and info.get("train_sha256") and info["train_sha256"] != train_sha256:
-        raise EnsembleError(
-            f"checkpoint {path} was trained on different data (training tokens sha256 "
-            f"{info['train_sha256'][:12]}... now {train_sha256[:12]}...); resume with the data it "
-            "was trained on, or train into a new output.dir"
         )
     if info.get("processes") != processes:
         raise EnsembleError(
             f"checkpoint {path} was written by {info.get('processes')} process(es) training {name}, "
             f"but this launch gives it {processes}; relaunch with the same number of processes per "
             "member (the data order and optimizer shards depend on it)"
+        )
+
+
+def check_training_data(path: Path, info: dict[str, Any], train_sha256: str) -> None:
+    """Refuse a checkpoint trained on other tokens than this run's (same files, new content)."""
+    if info.get("train_sha256") and info["train_sha256"] != train_sha256:
+        raise EnsembleError(
+            f"checkpoint {path} was trained on different data (training tokens sha256 "
+            f"{info['train_sha256'][:12]}... now {train_sha256[:12]}...); resume with the data it "
+            "was trained on, or train into a new output.dir"
         )
 
 
@@ -302,8 +320,9 @@ class StopRequest:
     """While active, SIGTERM and SIGUSR1 ask training to save a checkpoint at the next step
     boundary and exit with :data:`errors.PREEMPTED_EXIT` (so a scheduler can requeue the job).
 
-    ``shared`` connects the processes of a launch: a request seen by one is published to all,
-    so every group of ranks stops, not only the one that was signalled. A second signal while a
+    ``publish`` and ``seen`` connect the processes of a launch (through its store): a request
+    seen by one is published to all, so every group of ranks stops, not only the one that was
+    signalled. A second signal while a
     stop is pending is taken as "stop now" and ends the process at once.
     """
 
@@ -343,16 +362,9 @@ class StopRequest:
         return bool(self._seen and self._seen())
 
     def agreed(self, device: torch.device | str) -> bool:
-        """Whether any process of the current world asks to stop. A collective: every rank of
-        the world calls it at the same point, so that all stop at the same step."""
-        import torch.distributed as dist
-
-        flag = self.requested()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([1.0 if flag else 0.0], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
+        """Whether any process of the current world asks to stop (a collective, see
+        :func:`any_rank`): all ranks of a group stop at the same step."""
+        return any_rank(self.requested(), device)
 
     def reason(self) -> str:
         return (

@@ -94,7 +94,7 @@ def guarded(main: Callable[[Sequence[str] | None], object]) -> Callable[[Sequenc
             # In a multi-process job, say at once which rank failed and why, before the
             # traceback and before the launcher stops the other ranks.
             if _where():
-                print(f"\nerror: {_where()}{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                print(f"{_line_start()}error: {_where()}{type(e).__name__}: {e}", file=sys.stderr, flush=True)
             raise
         return 0
 

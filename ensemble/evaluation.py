@@ -107,9 +107,7 @@ def load_members(
             raise EnsembleError(
                 f"cannot load member {name} ({path}): {first}; re-train or remove it"
             ) from None
-        members.append(
-            LoadedMember(path, info.get("name", path.name), info.get("seed"), tokenizer, config, model)
-        )
+        members.append(LoadedMember(path, name, info.get("seed"), tokenizer, config, model))
     _unique_names(members)
     ref = members[0]
     ref_vocab = ref.tokenizer.get_vocab()

@@ -26,8 +26,11 @@ from .checkpointing import (
     MemberCheckpoints,
     Progress,
     StopRequest,
+    any_rank,
     check_resumable,
+    check_training_data,
     checkpoints_root,
+    config_differences,
     read_checkpoint_info,
     trajectory_config,
 )
@@ -261,12 +264,7 @@ def _train_prepared(
         )
         progress = Progress()
         accelerator.register_for_checkpointing(progress)
-        train_sha = data.fingerprint["splits"]["train"]["sha256"]
-        if resume_from is not None:
-            info = read_checkpoint_info(resume_from)
-            check_resumable(
-                resume_from, info, cfg, spec.name, spec.seed, accelerator.num_processes, train_sha
-            )
+        if resume_from is not None:  # checked by train_run (plan_resume, check_training_data)
             # Model, optimizer, scheduler, every rank's RNG states, the accumulation counter and
             # our progress (step, data position, logging window).
             accelerator.load_state(str(resume_from))
@@ -299,7 +297,7 @@ def _train_prepared(
             "zero_stage": zero.stage if zero else None,
             "total_steps": total_steps,
             "config": trajectory_config(cfg, spec.seed),
-            "train_sha256": train_sha,
+            "train_sha256": data.fingerprint["splits"]["train"]["sha256"],
         }
         loop = _Loop(accelerator, model, optimizer, loader, scheduler, cfg, spec, progress, checkpoints)
         summary = loop.run(total_steps, steps_per_epoch, throughput, checkpoint_info, stop, resume_from)
@@ -443,20 +441,15 @@ class _Loop:
 
         acc, p, spec = self.accelerator, self.p, self.spec
         mean_loss = acc.reduce(self.window_loss / max(p.window_batches, 1), "mean")
-        bad = not torch.isfinite(mean_loss).item()
+        loss_finite = bool(torch.isfinite(mean_loss).item())
+        weights_finite = True
         # (under DeepSpeed the weights live in its shards; the loss check is what remains)
-        if weights and not bad and acc.distributed_type != DistributedType.DEEPSPEED:
-            finite = torch.tensor(
-                [float(all(torch.isfinite(w).all() for w in self.model.parameters()))], device=acc.device
-            )
-            bad = acc.reduce(finite, "min").item() == 0
-        if bad:
+        if weights and loss_finite and acc.distributed_type != DistributedType.DEEPSPEED:
+            local = torch.stack([torch.isfinite(w).all() for w in self.model.parameters()]).all()
+            weights_finite = not any_rank(not local.item(), acc.device)
+        if not (loss_finite and weights_finite):
             last = self.checkpoints.latest()
-            what = (
-                f"loss became {mean_loss.item()}"
-                if not torch.isfinite(mean_loss).item()
-                else "weights became non-finite"
-            )
+            what = f"loss became {mean_loss.item()}" if not loss_finite else "weights became non-finite"
             info = {
                 "member": spec.name,
                 "seed": spec.seed,
@@ -557,15 +550,11 @@ def plan_resume(
         return plan
     if paths.config.is_file():
         saved = config_from_dict(yaml.safe_load(paths.config.read_text()) or {})
-        changed = [
-            f"{k}: {v!r} -> {trajectory_config(cfg, 0).get(k)!r}"
-            for k, v in trajectory_config(saved, 0).items()
-            if trajectory_config(cfg, 0).get(k) != v
-        ]
+        changed = config_differences(trajectory_config(saved, 0), trajectory_config(cfg, 0))
         if changed:
             raise EnsembleError(
-                f"output.dir '{paths.root}' holds a run trained with a different config "
-                f"({'; '.join(changed[:3])}); resume with its config.yaml, or train into a new output.dir"
+                f"output.dir '{paths.root}' holds a run trained with a different config ({changed}); "
+                "resume with its config.yaml, or train into a new output.dir"
             )
     for spec in specs:
         if is_complete_member(paths.member(spec)):
@@ -597,7 +586,7 @@ def plan_resume(
             continue
         start = plan.start.get(spec.index) or MemberCheckpoints(root, spec.name).latest()
         if start is not None:
-            check_resumable(start, read_checkpoint_info(start), cfg, spec.name, spec.seed, processes, None)
+            check_resumable(start, read_checkpoint_info(start), cfg, spec.name, spec.seed, processes)
             plan.start[spec.index] = start
     return plan
 
@@ -637,6 +626,8 @@ def _run(
             else:  # the run's tokenizer, never one trained separately
                 tokenizer = load_pretrained_tokenizer(paths.tokenizer)
         data = prepare_data(cfg.data, tokenizer, block_size, raw=raw)
+    for start in plan.start.values():
+        check_training_data(start, read_checkpoint_info(start), data.fingerprint["splits"]["train"]["sha256"])
     model_config = fit_model_config(cfg.model, base_config, tokenizer)
     flops = flops_per_token(model_config, block_size)  # before any DeepSpeed plugin exists
     run_info: dict[str, Any] = {"layout": layout.summary()}

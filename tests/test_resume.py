@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ensemble.checkpointing import MemberCheckpoints, check_resumable, trajectory_config
+from ensemble.checkpointing import MemberCheckpoints, check_resumable, check_training_data, trajectory_config
 from ensemble.cli import train_main
 from ensemble.config import load_config
 from ensemble.errors import PREEMPTED_EXIT, EnsembleError
@@ -437,14 +437,15 @@ def test_checkpoint_from_another_number_of_processes_or_seed_is_refused(baseline
     path = checkpoints(baseline, 1).latest()
     info = json.loads((path / "checkpoint.json").read_text())
     cfg = load_config(None, [f"{k}={v}" for k, v in _saved_overrides(baseline).items()])
-    check_resumable(path, info, cfg, "member-1", 123, 1, info["train_sha256"])  # its own: accepted
+    check_resumable(path, info, cfg, "member-1", 123, 1)  # its own: accepted
+    check_training_data(path, info, info["train_sha256"])
     with pytest.raises(
         EnsembleError,
         match="was written by 1 process\\(es\\) training member-1, but this launch gives it 2; relaunch",
     ):
-        check_resumable(path, info, cfg, "member-1", 123, 2, None)
+        check_resumable(path, info, cfg, "member-1", 123, 2)
     with pytest.raises(EnsembleError, match="was trained with seed 123 but the config gives member-1 seed 7"):
-        check_resumable(path, info, cfg, "member-1", 7, 1, None)
+        check_resumable(path, info, cfg, "member-1", 7, 1)
     assert trajectory_config(cfg, 123) == info["config"]
 
 
