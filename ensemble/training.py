@@ -649,7 +649,7 @@ def _run(
         if plan.explicit is not None:
             start = plan.start[plan.explicit]
             dropped = MemberCheckpoints(ckpt_root, specs[plan.explicit].name).drop_after(
-                MemberCheckpoints.step_of(start)
+                read_checkpoint_info(start)["step"]  # its record, not its folder name: it may be a copy
             )
             if dropped:
                 logger.warning(
