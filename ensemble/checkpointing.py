@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,13 +323,22 @@ class StopRequest:
 
     ``publish`` and ``seen`` connect the processes of a launch (through its store): a request
     seen by one is published to all, so every group of ranks stops, not only the one that was
-    signalled. A second signal while a
-    stop is pending is taken as "stop now" and ends the process at once.
+    signalled. A second signal while a stop is pending is taken as "stop now" and ends the
+    process at once, unless it comes within ``repeat_window_s`` of the first: that is the same
+    request delivered twice (Slurm signals every process of a job step, and the launcher, which
+    is one of them, forwards what it got to its workers).
     """
 
-    def __init__(self, publish: Callable[[], None] | None = None, seen: Callable[[], bool] | None = None):
+    def __init__(
+        self,
+        publish: Callable[[], None] | None = None,
+        seen: Callable[[], bool] | None = None,
+        repeat_window_s: float = 10.0,
+    ):
         self._publish = publish
         self._seen = seen
+        self._repeat_window_s = repeat_window_s
+        self._first_at = 0.0
         self.signal: int | None = None
         self._published = False
         self._previous: dict[int, Any] = {}
@@ -346,8 +356,10 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal is not None:
+            if time.monotonic() - self._first_at < self._repeat_window_s:
+                return
             raise Preempted(f"second {signal.Signals(signum).name} while stopping: stopped at once")
-        self.signal = signum
+        self.signal, self._first_at = signum, time.monotonic()
         logger.warning(
             "received %s: saving a checkpoint at the next step boundary, then exiting",
             signal.Signals(signum).name,

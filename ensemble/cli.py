@@ -6,6 +6,7 @@ User mistakes (:class:`EnsembleError`) end as one ``error: ...`` line and exit s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import sys
@@ -124,8 +125,41 @@ def train_parser() -> argparse.ArgumentParser:
         "checkpoint and skips finished ones; a checkpoint folder (checkpoints/member-<i>/step-<N>) "
         "resumes that member from it, the others as with auto",
     )
+    p.add_argument(
+        "--member",
+        type=int,
+        action="append",
+        metavar="INDEX",
+        help="train only the member with this index (repeatable) into output.dir, beside other "
+        "launches training the others (a Slurm array: one task per member); implies no evaluation",
+    )
+    p.add_argument(
+        "--no-eval",
+        action="store_true",
+        help="do not evaluate the ensemble after training (run launch/evaluate.py on output.dir later)",
+    )
+    p.add_argument(
+        "--list-members", action="store_true", help="print `index seed name` of each member and exit"
+    )
+    p.add_argument(
+        "--get", metavar="SECTION.KEY", help="print one resolved config value (e.g. output.dir) and exit"
+    )
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p
+
+
+def config_value(cfg: ExperimentConfig, key: str) -> str:
+    """A resolved config value as text: strings as they are, anything else as YAML."""
+    node: object = cfg
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            raise ConfigError(f"--get {key}: no such config key; see --help for the keys")
+        node = getattr(node, part)
+    if dataclasses.is_dataclass(node):
+        return yaml.safe_dump(dataclasses.asdict(node), sort_keys=False).rstrip()
+    if isinstance(node, str):
+        return node
+    return yaml.safe_dump(node, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 @guarded
@@ -135,10 +169,19 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return
+    if args.get:
+        print(config_value(cfg, args.get))
+        return
+    if args.list_members:
+        from .members import member_specs
+
+        for spec in member_specs(cfg):
+            print(spec.index, spec.seed, spec.name)
+        return
     setup_logging()
     from .training import train_run
 
-    train_run(cfg, resume=args.resume)
+    train_run(cfg, resume=args.resume, only=args.member, evaluate_after=not args.no_eval)
 
 
 # --------------------------------------------------------------------------------------------

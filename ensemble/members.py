@@ -169,6 +169,11 @@ class RunPaths:
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
 
+    @property
+    def run_id(self) -> Path:
+        """The run's id (trackers resume by it), written once."""
+        return self.root / "run_id"
+
 
 def library_versions() -> dict[str, str]:
     import accelerate

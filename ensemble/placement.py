@@ -75,8 +75,8 @@ class Layout:
         return {"mode": self.mode, "processes": self.world_size, "group_size": self.group_size,
                 "groups": self.num_groups, "rounds": self.rounds}  # fmt: skip
 
-    def describe(self) -> list[str]:
-        """One line per group, for the log."""
+    def describe(self, names: list[str] | None = None) -> list[str]:
+        """One line per group, for the log; ``names``: of the members (default member-<i>)."""
         lines = [
             f"placement {self.mode}: {self.world_size} process(es), {self.num_members} member(s), "
             f"{self.num_groups} group(s) of {self.group_size} rank(s), {self.rounds} round(s)"
@@ -84,7 +84,7 @@ class Layout:
         for g in range(self.num_groups):
             ranks = self.ranks_of(g)
             span = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-            members = ", ".join(f"member-{m}" for m in self.members_of(g))
+            members = ", ".join(names[m] if names else f"member-{m}" for m in self.members_of(g))
             lines.append(f"  group {g} ({span}) trains {members}")
         return lines
 

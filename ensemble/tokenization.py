@@ -48,9 +48,11 @@ def load_tokenizer(
     cfg: ModelConfig,
     training_texts: Iterable[str] | None = None,
     save_to: Path | None = None,
+    replace: bool = True,
 ) -> Any:
     """The run's tokenizer. A ``bpe`` tokenizer is trained on ``training_texts`` and, when
-    ``save_to`` is given, saved there (atomically) for the other processes and for evaluation."""
+    ``save_to`` is given, saved there (atomically) for the other processes and for evaluation;
+    with ``replace=False`` a tokenizer already there is kept (and returned)."""
     name = cfg.tokenizer or cfg.name_or_path
     assert name, "validated by ModelConfig"
     if name == BYTE_TOKENIZER:
@@ -62,8 +64,10 @@ def load_tokenizer(
             raise ValueError("a bpe tokenizer needs the training texts")
         tokenizer = train_bpe(training_texts, cfg.tokenizer_vocab_size)
         if save_to is not None:
-            with atomic_directory(save_to) as tmp:
+            with atomic_directory(save_to, replace=replace) as tmp:
                 tokenizer.save_pretrained(tmp)
+            if not replace:  # another process may have published first: use the run's one
+                return load_pretrained_tokenizer(save_to)
         return tokenizer
     return load_pretrained_tokenizer(name)
 

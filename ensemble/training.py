@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from .distributed import (
 from .errors import EnsembleError, Preempted
 from .evaluation import evaluate
 from .faults import armed, inject
-from .files import atomic_write_text, remove_stale_tmp
+from .files import atomic_write_text, create_once, remove_stale_tmp
 from .members import (
     MemberSpec,
     RunPaths,
@@ -89,7 +90,7 @@ def check_output_dir(paths: RunPaths, overwrite: bool, resume: str | None = None
         )
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-probe-{os.getpid()}"
+        probe = root / f".write-probe-{socket.gethostname()}-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -107,7 +108,13 @@ def check_output_dir(paths: RunPaths, overwrite: bool, resume: str | None = None
 def clear_previous_run(paths: RunPaths, checkpoints: Path) -> None:
     """With output.overwrite: remove the old run first, so no stale member, result or checkpoint
     can be mistaken for part of the new one."""
-    for path in (paths.manifest, paths.root / RESULTS_JSON, paths.root / RESULTS_MD, paths.config):
+    for path in (
+        paths.manifest,
+        paths.root / RESULTS_JSON,
+        paths.root / RESULTS_MD,
+        paths.config,
+        paths.run_id,
+    ):
         path.unlink(missing_ok=True)
     for path in (paths.members, paths.logs, checkpoints):
         shutil.rmtree(path, ignore_errors=True)
@@ -137,6 +144,15 @@ def resolve_mixed_precision(setting: str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # One member
+
+
+def _cpus_available() -> int:
+    """CPUs this process may use: its Slurm allocation's, where it has one (with no CPU binding
+    the affinity mask would still show the whole machine), else its affinity mask."""
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
+    if allocated and allocated.isdigit():
+        return int(allocated)
+    return len(os.sched_getaffinity(0))
 
 
 def _optimizer(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
@@ -225,7 +241,7 @@ def _train_prepared(
     if (
         accelerator.device.type == "cpu"
         and torch.get_num_threads() == 1
-        and (os.cpu_count() or 1) > launch_info().local_world_size
+        and _cpus_available() > launch_info().local_world_size
     ):
         logger.warning(
             "training on CPU with 1 thread while %d cores are available; `accelerate launch` sets "
@@ -508,10 +524,33 @@ def _member_fits(cfg: ExperimentConfig, model_config: Any, block_size: int, zero
     return fits
 
 
-def train_run(cfg: ExperimentConfig, resume: str | None = None) -> dict[str, Any]:
+def select_members(specs: list[MemberSpec], only: list[int] | None) -> list[MemberSpec]:
+    """The members this launch trains: all, or those whose indices ``only`` lists."""
+    if only is None:
+        return specs
+    wrong = sorted({i for i in only if not 0 <= i < len(specs)})
+    if wrong:
+        raise EnsembleError(
+            f"--member {', '.join(map(str, wrong))}: the config has {len(specs)} members (indices 0 to "
+            f"{len(specs) - 1}, see --list-members); pass one of those, or add seeds to members.seeds"
+        )
+    return [s for s in specs if s.index in set(only)]
+
+
+def train_run(
+    cfg: ExperimentConfig,
+    resume: str | None = None,
+    only: list[int] | None = None,
+    evaluate_after: bool = True,
+) -> dict[str, Any] | None:
     """Check everything, prepare the data once, train every member on its group of ranks,
     evaluate the ensemble. ``resume``: None (a new run), "auto" (continue every unfinished member
-    from its latest checkpoint, skip finished ones) or the path of one member's checkpoint."""
+    from its latest checkpoint, skip finished ones) or the path of one member's checkpoint.
+
+    ``only``: train just these member indices into the shared run (e.g. one per task of a Slurm
+    array, several launches at once); the ensemble is then not evaluated here, since the other
+    members may still be training. ``evaluate_after=False`` also leaves evaluation to
+    launch/evaluate.py. Returns the results, or None when not evaluated."""
 
     launch = launch_info()
     zero = load_zero(cfg)
@@ -526,7 +565,7 @@ def train_run(cfg: ExperimentConfig, resume: str | None = None) -> dict[str, Any
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     worlds = Worlds(cfg.parallel.timeout_s)
     try:
-        return _run(cfg, launch, zero, worlds, resume)
+        return _run(cfg, launch, zero, worlds, resume, only, evaluate_after)
     finally:
         worlds.close()
 
@@ -541,10 +580,18 @@ class ResumePlan:
 
 
 def plan_resume(
-    cfg: ExperimentConfig, paths: RunPaths, specs: list[MemberSpec], resume: str | None, processes: int
+    cfg: ExperimentConfig,
+    paths: RunPaths,
+    specs: list[MemberSpec],
+    resume: str | None,
+    processes: int,
+    selected: list[MemberSpec] | None = None,
 ) -> ResumePlan:
     """Check that the run in output.dir is this experiment and find where each member resumes;
-    every mismatch is a one-line error before any work."""
+    every mismatch is a one-line error before any work. ``selected``: the members this launch
+    trains (default all); the checkpoints of the others are not looked at, as other launches may
+    be writing them."""
+    selected = specs if selected is None else selected
     plan = ResumePlan()
     if resume is None:
         return plan
@@ -574,6 +621,11 @@ def plan_resume(
                 f"checkpoint {path} is of {info.get('member')}, which this config does not have "
                 f"({len(specs)} members); pass a checkpoint of one of its members"
             )
+        if specs[index] not in selected:
+            raise EnsembleError(
+                f"checkpoint {path} is of {specs[index].name}, which --member does not select; "
+                f"add --member {index}"
+            )
         if index in plan.complete:
             logger.warning(
                 "%s is complete; it is trained again from %s and replaced", specs[index].name, path
@@ -581,7 +633,7 @@ def plan_resume(
             plan.complete.discard(index)
         plan.explicit, plan.start[index] = index, path
     root = checkpoints_root(cfg)
-    for spec in specs:
+    for spec in selected:
         if spec.index in plan.complete:
             continue
         start = plan.start.get(spec.index) or MemberCheckpoints(root, spec.name).latest()
@@ -592,8 +644,14 @@ def plan_resume(
 
 
 def _run(
-    cfg: ExperimentConfig, launch: Any, zero: ZeroSetup | None, worlds: Worlds, resume: str | None
-) -> dict[str, Any]:
+    cfg: ExperimentConfig,
+    launch: Any,
+    zero: ZeroSetup | None,
+    worlds: Worlds,
+    resume: str | None,
+    only: list[int] | None,
+    evaluate_after: bool,
+) -> dict[str, Any] | None:
     from accelerate import PartialState
 
     worlds.join("run", launch.rank, launch.world_size)
@@ -603,17 +661,23 @@ def _run(
 
     paths = RunPaths(Path(cfg.output.dir))
     specs = member_specs(cfg)
+    selected = select_members(specs, only)
     # Cheap checks first: a mistake should cost seconds, not a dataset download.
+    if only is not None and cfg.output.overwrite:
+        raise EnsembleError(
+            "--member trains into a run shared with other launches, which output.overwrite=true would "
+            "remove; drop output.overwrite (pass --resume auto) or train all members"
+        )
     check_output_dir(paths, cfg.output.overwrite, resume)
     base_config = load_model_config(cfg.model)
     block_size = resolve_block_size(cfg, base_config)
     layout = plan_layout(
-        cfg.parallel, launch.world_size, len(specs), launch.local_world_size,
+        cfg.parallel, launch.world_size, len(selected), launch.local_world_size,
         fits=_member_fits(cfg, base_config, block_size, zero),
     )  # fmt: skip
     if zero:
         check_batch(zero, cfg, layout.group_size)
-    plan = plan_resume(cfg, paths, specs, resume, layout.group_size)
+    plan = plan_resume(cfg, paths, specs, resume, layout.group_size, selected)
     if not needs_training_text(cfg.model):
         tokenizer = load_tokenizer(cfg.model)
     with worlds.main_first("data"):  # rank 0 fills the datasets cache (and trains a bpe tokenizer)
@@ -622,7 +686,11 @@ def _run(
             if "train" not in raw:
                 raise EnsembleError("model.tokenizer=bpe needs a training split to learn from")
             if launch.rank == 0 and not (resume and paths.tokenizer.is_dir()):
-                tokenizer = load_tokenizer(cfg.model, iter_texts(raw["train"], cfg.data), paths.tokenizer)
+                # On a resume (e.g. the tasks of a Slurm array starting together) the first
+                # tokenizer published is the run's; a new run replaces any old one.
+                tokenizer = load_tokenizer(
+                    cfg.model, iter_texts(raw["train"], cfg.data), paths.tokenizer, replace=not resume
+                )
             else:  # the run's tokenizer, never one trained separately
                 tokenizer = load_pretrained_tokenizer(paths.tokenizer)
         data = prepare_data(cfg.data, tokenizer, block_size, raw=raw)
@@ -633,15 +701,18 @@ def _run(
     run_info: dict[str, Any] = {"layout": layout.summary()}
     ckpt_root = checkpoints_root(cfg)
     if launch.rank == 0:
-        for line in layout.describe():
+        for line in layout.describe([s.name for s in selected]):
             logger.info(line)
         previous = read_manifest(paths) if resume else {}
         if cfg.output.overwrite:
             clear_previous_run(paths, ckpt_root)
         paths.members.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(paths.members)
-        remove_stale_tmp(paths.root)
-        for spec in specs:
+        if only is None:
+            remove_stale_tmp(paths.members)
+            remove_stale_tmp(paths.root)
+        else:  # the other members' temporaries may be live: other launches are writing them
+            remove_stale_tmp(paths.members, [s.name for s in selected])
+        for spec in selected:
             member_ckpts = MemberCheckpoints(ckpt_root, spec.name)
             remove_stale_tmp(member_ckpts.dir)  # interrupted checkpoint saves
             if spec.index not in plan.complete:
@@ -655,7 +726,8 @@ def _run(
                 logger.warning(
                     "removed %s: later than the checkpoint resumed from", ", ".join(map(str, dropped))
                 )
-        run_info["run_id"] = previous.get("run_id") or uuid.uuid4().hex[:12]
+        # Launches that share the run (--member) may start together: the first id written wins.
+        run_info["run_id"] = create_once(paths.run_id, previous.get("run_id") or uuid.uuid4().hex[:12])
         atomic_write_text(paths.config, cfg.to_yaml())
         write_manifest(paths, specs, data.fingerprint, run_info)
     state().wait_for_everyone()
@@ -670,8 +742,8 @@ def _run(
     device = local_device()
     with StopRequest(publish=worlds.publish_stop, seen=worlds.stop_published) as stop:
         for index in layout.members_of(group):
-            spec = specs[index]
-            if index in plan.complete:
+            spec = selected[index]
+            if spec.index in plan.complete:
                 logger.info("%s is complete: skipped", spec.name)
                 continue
             if stop.agreed(device):
@@ -679,7 +751,7 @@ def _run(
             try:
                 train_member(
                     cfg, spec, data, tokenizer, model_config, paths, zero, flops,
-                    resume_from=plan.start.get(index), stop=stop, run_id=run_info["run_id"],
+                    resume_from=plan.start.get(spec.index), stop=stop, run_id=run_info["run_id"],
                 )  # fmt: skip
             except MemberDiverged as e:
                 # That member stops; the group goes on with its other members.
@@ -694,15 +766,26 @@ def _run(
     run_info["timing"] = {"train_seconds": round(time.perf_counter() - started, 3)}
     logging.getLogger().setLevel(logging.INFO if launch.rank == 0 else logging.WARNING)
 
-    failures = [f for s in specs if (f := MemberCheckpoints(ckpt_root, s.name).failure())]
+    failures = [f for s in selected if (f := MemberCheckpoints(ckpt_root, s.name).failure())]
     if launch.rank == 0:
-        write_manifest(paths, specs, data.fingerprint, run_info, failed={f["member"] for f in failures})
+        failed = {f["member"] for s in specs if (f := MemberCheckpoints(ckpt_root, s.name).failure())}
+        write_manifest(paths, specs, data.fingerprint, run_info, failed=failed)
     if failures:
         kept = [s.name for s in specs if is_complete_member(paths.member(s))]
         raise EnsembleError(
             " | ".join(f["error"] for f in failures)
             + f" | kept: {', '.join(kept) or 'no member'} (complete); the ensemble was not evaluated"
         )
+    if only is not None or not evaluate_after:
+        pending = [s.name for s in specs if not is_complete_member(paths.member(s))]
+        logger.info(
+            "trained %s; the ensemble is not evaluated here: %s",
+            ", ".join(s.name for s in selected),
+            f"waiting for {', '.join(pending)}"
+            if pending
+            else f"every member is complete, run `python launch/evaluate.py {paths.root}`",
+        )
+        return None
     # Every process takes part: the evaluator shards the test batches over the run's world.
     results = evaluate(
         [paths.member(s) for s in specs], cfg.data, cfg.eval, cfg.eval.split, paths.root, device, data,

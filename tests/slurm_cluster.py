@@ -1,0 +1,219 @@
+"""A real Slurm cluster on this machine, for the tests of slurm/: munged, slurmctld and two
+slurmd daemons (nodes n1 and n2, both on localhost, so that multi-node jobs really run on two
+Slurm nodes), configured in a temporary directory on free ports. Every daemon is started in the
+foreground by us and stopped by its pid.
+
+Needs Debian's `slurmctld slurmd slurm-client munge` (`.ci/run` installs them) and root (slurmd
+starts jobs as their user).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "srun", "sinfo")
+NODES = ("n1", "n2")
+CPUS_PER_NODE = 2
+
+
+class Unavailable(Exception):
+    """Slurm cannot run here; the message says why."""
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _find(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (p for d in ("/usr/sbin", "/sbin") if os.access(p := f"{d}/{name}", os.X_OK)), None
+    )
+
+
+class LocalSlurm:
+    def __init__(self) -> None:
+        missing = [n for n in DAEMONS + CLIENTS if not _find(n)]
+        if missing:
+            raise Unavailable(
+                f"{', '.join(missing)} not installed (apt-get install slurmctld slurmd slurm-client munge)"
+            )
+        if os.geteuid() != 0:
+            raise Unavailable("slurmd must run as root to start jobs, and these tests do not run as root")
+        # munged insists that every directory above its socket be world-searchable, and pytest's
+        # tmp_path is not: a directory of our own under the system temp dir.
+        self.dir = Path(tempfile.mkdtemp(prefix="ensemble-slurm-"))
+        self.dir.chmod(0o755)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = {**os.environ, "SLURM_CONF": str(self.dir / "slurm.conf")}
+        for var in [v for v in self.env if v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
+            if var != "SLURM_CONF":
+                del self.env[var]  # a test run inside a Slurm job must not leak that job's settings
+
+    # ---------------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 60.0) -> LocalSlurm:
+        d = self.dir
+        for sub in ("state", "log", *(f"spool-{n}" for n in NODES)):
+            (d / sub).mkdir()
+        key = d / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        ctld_port, *node_ports = _free_ports(1 + len(NODES))
+        host = socket.gethostname()
+        (d / "plugstack.conf").write_text("")
+        nodes = "\n".join(
+            f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs={CPUS_PER_NODE} State=UNKNOWN"
+            for n, p in zip(NODES, node_ports, strict=True)
+        )
+        (d / "slurm.conf").write_text(
+            f"""ClusterName=ensembletest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={d}/munge.sock
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool-%n
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd-%n.pid
+SlurmctldLogFile={d}/log/slurmctld.log
+SlurmdLogFile={d}/log/slurmd-%n.log
+PlugStackConfig={d}/plugstack.conf
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+InactiveLimit=0
+KillWait=30
+MinJobAge=3600
+{nodes}
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+        )
+        self._daemon(
+            "munged",
+            [_find("munged"), "--foreground", f"--key-file={key}", f"--socket={d}/munge.sock",
+             f"--pid-file={d}/munged.pid", f"--log-file={d}/log/munged.log", f"--seed-file={d}/munged.seed"],
+        )  # fmt: skip
+        self._wait(lambda: (d / "munge.sock").exists(), 10, "munged did not create its socket")
+        self._daemon("slurmctld", [_find("slurmctld"), "-D", "-i", "-f", str(d / "slurm.conf")])
+        for n in NODES:
+            self._daemon(f"slurmd-{n}", [_find("slurmd"), "-D", "-N", n, "-f", str(d / "slurm.conf")])
+        self._wait(self._nodes_idle, timeout, "the nodes did not become idle")
+        return self
+
+    def _daemon(self, name: str, cmd: list[str]) -> None:
+        log = open(self.dir / "log" / f"{name}.stdout", "w")
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+
+    def _nodes_idle(self) -> bool:
+        proc = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False)
+        states = dict(line.split() for line in proc.stdout.splitlines() if line.strip())
+        return all(states.get(n) == "idle" for n in NODES)
+
+    def _wait(self, ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{what} ({', '.join(dead) + ' exited; ' if dead else ''}logs: {self.logs()})"
+                )
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        """Cancel every job, then stop the daemons we started (by pid), then remove the files."""
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            self.run(["scancel", "--full", "--user", "root"], check=False)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self.run(["squeue", "-h"], check=False).stdout.strip():
+                time.sleep(0.5)
+        for name in reversed(list(self.procs)):  # slurmd before slurmctld before munged
+            proc = self.procs[name]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def logs(self) -> str:
+        out = []
+        for path in sorted((self.dir / "log").glob("*")):
+            tail = path.read_text(errors="replace").splitlines()[-15:]
+            out.append(f"--- {path.name}\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    # ---------------------------------------------------------------------------------------
+
+    def run(self, cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            cmd, env=kw.pop("env", self.env), capture_output=True, text=True, timeout=120, **kw
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}")
+        return proc
+
+    def job(self, job_id: str) -> list[dict[str, str]]:
+        """`scontrol show job` as one dict per job (an array gives one per task)."""
+        text = self.run(["scontrol", "show", "job", "--oneliner", job_id]).stdout
+        jobs = []
+        for line in text.splitlines():
+            if line.strip():
+                jobs.append(dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", line)))
+        return jobs
+
+    def wait_for(self, ready, timeout: float) -> None:
+        """Until ``ready()`` (e.g. a job has written its first checkpoint)."""
+        self._wait(ready, timeout, "timed out waiting")
+
+    def wait(self, job_ids: list[str], timeout: float, release_requeued: bool = True) -> None:
+        """Until none of these jobs is pending or running. Slurm holds a requeued job for about two
+        minutes before it may start again; with ``release_requeued`` it is let go at once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = [j for i in job_ids for j in self.job(i)]
+            live = [
+                j
+                for j in jobs
+                if j["JobState"] in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED")
+            ]
+            if not live:
+                return
+            if release_requeued:
+                for j in live:
+                    if j["JobState"] == "PENDING" and j.get("Reason") == "BeginTime":
+                        self.run(["scontrol", "update", f"JobId={j['JobId']}", "StartTime=now"], check=False)
+            if time.monotonic() > deadline:
+                states = {j["JobId"]: (j["JobState"], j.get("Reason")) for j in jobs}
+                raise TimeoutError(f"jobs still live after {timeout} s: {states}\n{self.logs()}")
+            time.sleep(1)
