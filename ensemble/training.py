@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from .distributed import (
 from .errors import EnsembleError, Preempted
 from .evaluation import evaluate
 from .faults import armed, inject
-from .files import atomic_write_text, create_once, remove_stale_tmp
+from .files import atomic_write_text, create_once, remove_stale_tmp, tmp_name
 from .members import (
     MemberSpec,
     RunPaths,
@@ -90,7 +89,7 @@ def check_output_dir(paths: RunPaths, overwrite: bool, resume: str | None = None
         )
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+        probe = tmp_name(root / "write-probe")
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -238,16 +237,17 @@ def _train_prepared(
     from transformers import get_scheduler
 
     t = cfg.train
+    cpus = _cpus_available()
     if (
         accelerator.device.type == "cpu"
         and torch.get_num_threads() == 1
-        and _cpus_available() > launch_info().local_world_size
+        and cpus > launch_info().local_world_size
     ):
         logger.warning(
             "training on CPU with 1 thread while %d cores are available; `accelerate launch` sets "
             "OMP_NUM_THREADS=1 unless its config has use_cpu: true (see configs/accelerate/cpu.yaml) "
             "or --num_cpu_threads_per_process is given",
-            os.cpu_count(),
+            cpus,
         )
     peak, peak_source = peak_tflops(accelerator.device, mixed_precision, t.peak_tflops)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
@@ -779,7 +779,7 @@ def _run(
     if only is not None or not evaluate_after:
         pending = [s.name for s in specs if not is_complete_member(paths.member(s))]
         logger.info(
-            "trained %s; the ensemble is not evaluated here: %s",
+            "%s done; the ensemble is not evaluated here: %s",
             ", ".join(s.name for s in selected),
             f"waiting for {', '.join(pending)}"
             if pending

@@ -201,7 +201,7 @@ def test_array_trains_one_member_per_task_then_evaluates(slurm, array_run, tmp_p
     )  # ISO timestamps: string order is time order
     for i in (0, 1):
         assert f"--member {i} " in r["logs"][i] and "--num_processes 1 " in r["logs"][i]
-        assert f"trained member-{i};" in r["logs"][i]
+        assert f"member-{i} done;" in r["logs"][i]
         assert f"member-{1 - i} saved" not in r["logs"][i]  # each task trains its own member only
 
     # Members: loadable, and the same as one plain process trains.
