@@ -30,15 +30,19 @@ def tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}{TMP_MARK}{_writer()}")
 
 
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, fsync and rename."""
     path = Path(path)
     tmp = tmp_name(path)
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -67,10 +71,7 @@ def create_once(path: str | Path, text: str) -> str:
     if not path.exists():
         tmp = path.with_name(f".{path.name}{TMP_MARK}{_writer()}-{uuid.uuid4().hex[:8]}")
         try:
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_synced(tmp, text)
             os.link(tmp, path)
         except FileExistsError:
             pass

@@ -534,7 +534,8 @@ def select_members(specs: list[MemberSpec], only: list[int] | None) -> list[Memb
             f"--member {', '.join(map(str, wrong))}: the config has {len(specs)} members (indices 0 to "
             f"{len(specs) - 1}, see --list-members); pass one of those, or add seeds to members.seeds"
         )
-    return [s for s in specs if s.index in set(only)]
+    chosen = set(only)
+    return [s for s in specs if s.index in chosen]
 
 
 def train_run(
@@ -766,10 +767,11 @@ def _run(
     run_info["timing"] = {"train_seconds": round(time.perf_counter() - started, 3)}
     logging.getLogger().setLevel(logging.INFO if launch.rank == 0 else logging.WARNING)
 
-    failures = [f for s in selected if (f := MemberCheckpoints(ckpt_root, s.name).failure())]
+    # Every member's failure goes into the manifest; this launch fails on its own members' only.
+    failed = {s.name: f for s in specs if (f := MemberCheckpoints(ckpt_root, s.name).failure())}
+    failures = [failed[s.name] for s in selected if s.name in failed]
     if launch.rank == 0:
-        failed = {f["member"] for s in specs if (f := MemberCheckpoints(ckpt_root, s.name).failure())}
-        write_manifest(paths, specs, data.fingerprint, run_info, failed=failed)
+        write_manifest(paths, specs, data.fingerprint, run_info, failed=set(failed))
     if failures:
         kept = [s.name for s in specs if is_complete_member(paths.member(s))]
         raise EnsembleError(

@@ -81,3 +81,20 @@ def tiny_overrides(out: Path, cache: Path, **extra: object) -> list[str]:
 
 
 PYTHON = sys.executable
+
+
+def weights(run: Path, member: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "members" / f"member-{member}" / "model.safetensors")
+
+
+def assert_same_members(a: Path, b: Path, members) -> None:
+    """The members of runs ``a`` and ``b`` with these indices are bitwise equal."""
+    import torch
+
+    for i in members:
+        wa, wb = weights(a, i), weights(b, i)
+        assert wa.keys() == wb.keys()
+        different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+        assert not different, f"member-{i} differs from its uninterrupted twin in {different[:3]}"

@@ -10,14 +10,13 @@ import subprocess
 import threading
 
 import pytest
-from safetensors.torch import load_file
 
 from ensemble.checkpointing import StopRequest
 from ensemble.cli import train_main
 from ensemble.errors import Preempted
 from ensemble.files import atomic_directory, create_once, remove_stale_tmp, tmp_name
 
-from .conftest import PYTHON, REPO, tiny_overrides
+from .conftest import PYTHON, REPO, assert_same_members, tiny_overrides
 
 
 def _error(capsys, argv: list[str]) -> str:
@@ -77,9 +76,7 @@ def test_concurrent_launches_of_single_members_equal_one_full_run(tmp_path, data
     assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     for i in (0, 1):
         assert f"member-{i} done;" in errs[i]
-        a = load_file(full / "members" / f"member-{i}" / "model.safetensors")
-        b = load_file(shared / "members" / f"member-{i}" / "model.safetensors")
-        assert all((a[k] == b[k]).all() for k in a), f"member-{i} differs"
+    assert_same_members(full, shared, (0, 1))
     assert not (shared / "results.json").exists()
     assert "every member is complete, run `python launch/evaluate.py" in errs[0] + errs[1]
     manifest = json.loads((shared / "manifest.json").read_text())

@@ -25,7 +25,7 @@ from ensemble.cli import train_main
 from ensemble.config import load_config
 from ensemble.errors import PREEMPTED_EXIT, EnsembleError
 
-from .conftest import PYTHON, REPO, tiny_overrides
+from .conftest import PYTHON, REPO, assert_same_members, tiny_overrides
 
 SEEDS = [42, 123, 456]
 # Dropout on: a resumed member must also continue the dropout stream exactly.
@@ -77,18 +77,6 @@ def ok(proc: subprocess.CompletedProcess) -> None:
 
 def killed(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == -signal.SIGKILL, f"not killed (status {proc.returncode}): {proc.stderr[-3000:]}"
-
-
-def weights(run: Path, member: int) -> dict[str, torch.Tensor]:
-    return load_file(run / "members" / f"member-{member}" / "model.safetensors")
-
-
-def assert_same_members(a: Path, b: Path, members: range) -> None:
-    for i in members:
-        wa, wb = weights(a, i), weights(b, i)
-        assert wa.keys() == wb.keys()
-        different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-        assert not different, f"member-{i} differs from its uninterrupted twin in {different[:3]}"
 
 
 def stray_temporaries(run: Path) -> list[Path]:

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import load_file
 
-from .conftest import PYTHON, REPO
+from .conftest import PYTHON, REPO, assert_same_members
 from .slurm_cluster import LocalSlurm, Unavailable
 
 pytestmark = pytest.mark.slow
@@ -94,14 +93,6 @@ def plain_run(config: Path, out: Path) -> Path:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
-
-
-def assert_same_member(run: Path, reference: Path, index: int) -> None:
-    a = load_file(run / "members" / f"member-{index}" / "model.safetensors")
-    b = load_file(reference / "members" / f"member-{index}" / "model.safetensors")
-    assert a.keys() == b.keys()
-    different = [k for k in a if not (a[k] == b[k]).all()]
-    assert not different, f"member-{index} differs from the plain process's in {different[:3]}"
 
 
 def job_log(pattern: str) -> str:
@@ -209,7 +200,7 @@ def test_array_trains_one_member_per_task_then_evaluates(slurm, array_run, tmp_p
     for i in (0, 1):
         model = AutoModelForCausalLM.from_pretrained(r["run"] / "members" / f"member-{i}")
         assert model.config.n_layer == 1
-        assert_same_member(r["run"], reference, i)
+    assert_same_members(reference, r["run"], (0, 1))
     assert json.loads((r["run"] / "manifest.json").read_text())["members"][1]["status"] == "complete"
 
     # The evaluation job (2 processes sharing the test batches) = one process evaluating.
@@ -268,8 +259,7 @@ def test_failed_member_leaves_the_others_and_is_rerun_alone(slurm, array_run, tm
     (task,) = slurm.job(train)
     assert task["ArrayTaskId"] == "1"
     assert "member-1 resumes from" in job_log(f"ensemble-train-{train}_1.out")
-    for i in (0, 1):
-        assert_same_member(run, array_run["run"], i)  # = the array run's = the plain process's
+    assert_same_members(array_run["run"], run, (0, 1))  # = the array run's = the plain process's
     assert (run / "results.json").is_file()
 
 
@@ -307,5 +297,5 @@ def test_multinode_job_checkpoints_on_the_warning_signal_requeues_and_resumes(sl
         assert re.search(rf"member-{i} resumes from .*step-\d+ \(step \d+ of 400\)", log)
         info = json.loads((run / "members" / f"member-{i}" / "member.json").read_text())
         assert info["training"]["ranks"] == [i]  # placement parallel: a rank (a node) each
-        assert_same_member(run, reference, i)
+    assert_same_members(reference, run, (0, 1))
     assert (run / "results.json").is_file()
