@@ -26,6 +26,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ensemble.data import EvalBlocks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +65,33 @@ def _held_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def naive_ensemble(loaded: list, blocks: EvalBlocks, batch_size: int, device: str) -> int:
+    """What users write today: each member evaluated separately, its full logits collected on
+    the host, the probabilities averaged at the end (what the reference tutorial attempts with
+    `Trainer`). Returns the tokens scored."""
+    import torch
+
+    from ensemble.data import collate_eval
+
+    all_logits, targets = [], torch.empty(0)
+    with torch.inference_mode():
+        for m in loaded:
+            chunks, ys = [], []
+            for s in range(0, len(blocks), batch_size):
+                batch = collate_eval([blocks[i] for i in range(s, min(s + batch_size, len(blocks)))])
+                ids, mask = batch["input_ids"].to(device), batch["target_mask"].to(device)
+                logits = m.model(ids, attention_mask=batch["attention_mask"].to(device)).logits
+                chunks.append(logits[:, :-1][mask].float().cpu())
+                ys.append(ids[:, 1:][mask].cpu())
+            all_logits.append(torch.cat(chunks))
+            targets = torch.cat(ys)
+        probs = torch.stack([lg.softmax(-1) for lg in all_logits]).mean(0)
+        accuracy = (probs.argmax(-1) == targets).double().mean().item()
+        nll = -probs.gather(1, targets[:, None]).log().mean().item()
+    assert 0 <= accuracy <= 1 and nll > 0
+    return len(targets)
+
+
 def worker(
     kind: str, members: list[str], data: str, batch_size: int, combiners: list[str], repeats: int
 ) -> dict:
@@ -69,7 +100,7 @@ def worker(
     import torch
 
     from ensemble.config import DataConfig, EvalConfig
-    from ensemble.data import collate_eval, prepare_data
+    from ensemble.data import prepare_data
     from ensemble.evaluation import evaluate_members, load_members
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,23 +114,7 @@ def worker(
         return int(evaluate_members(loaded, blocks, eval_cfg, device, show_progress=False).sums[0, 0])
 
     def naive() -> int:  # full logits of every member on the host, averaged at the end
-        all_logits, targets = [], torch.empty(0)
-        with torch.inference_mode():
-            for m in loaded:
-                chunks, ys = [], []
-                for s in range(0, len(blocks), batch_size):
-                    batch = collate_eval([blocks[i] for i in range(s, min(s + batch_size, len(blocks)))])
-                    ids, mask = batch["input_ids"].to(device), batch["target_mask"].to(device)
-                    logits = m.model(ids, attention_mask=batch["attention_mask"].to(device)).logits
-                    chunks.append(logits[:, :-1][mask].float().cpu())
-                    ys.append(ids[:, 1:][mask].cpu())
-                all_logits.append(torch.cat(chunks))
-                targets = torch.cat(ys)
-            probs = torch.stack([lg.softmax(-1) for lg in all_logits]).mean(0)
-            accuracy = (probs.argmax(-1) == targets).double().mean().item()
-            nll = -probs.gather(1, targets[:, None]).log().mean().item()
-        assert 0 <= accuracy <= 1 and nll > 0
-        return len(targets)
+        return naive_ensemble(loaded, blocks, batch_size, device)
 
     run = ours if kind == "ours" else naive
     gc.collect()

@@ -44,9 +44,12 @@ STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 FAILED = "failed.json"
 
 # Config keys that do not change what a member becomes: a resume may change them freely.
+# (`train.compile` changes float rounding only: a resume that switches it continues the same
+# member, though no longer bitwise equal to an uninterrupted run.)
 NEUTRAL_KEYS = {
     "train.logging_steps",
     "train.peak_tflops",
+    "train.compile",
     "data.cache_dir",
 }
 

@@ -28,41 +28,59 @@ TEMPERATURE_GRID = np.exp(np.linspace(math.log(0.25), math.log(4.0), 25))
 
 class MeanProb:
     """Running log of the mean of member probabilities over one chunk of positions; after k
-    members, :meth:`logprobs` is the mixture of the first k."""
+    members, :meth:`logprobs` is the mixture of the first k. With ``log_weights``, the weighted
+    mixture sum_i w_i p_i instead. ``out``: an [n, vocab] buffer to accumulate in instead of a
+    fresh tensor (see `scoring.Workspace`)."""
 
-    def __init__(self, log_weights: np.ndarray | None = None) -> None:
+    def __init__(self, log_weights: np.ndarray | None = None, out: torch.Tensor | None = None) -> None:
         self._acc: torch.Tensor | None = None
+        self._out = out
         self._n = 0
         self._log_weights = log_weights  # weighted mixture: add log w_i to member i
 
-    def add(self, logp: torch.Tensor) -> None:
+    def add(self, logp: torch.Tensor, tmp: torch.Tensor | None = None) -> None:
+        """Add member ``logp``; ``tmp``: a buffer for its weighted copy."""
         if self._log_weights is not None:
-            logp = logp + float(self._log_weights[self._n])
+            logp = torch.add(logp, float(self._log_weights[self._n]), out=tmp)
         if self._acc is None:
-            self._acc = logp.clone()
+            self._acc = logp.clone() if self._out is None else self._out.copy_(logp)
         else:
             torch.logaddexp(self._acc, logp, out=self._acc)
         self._n += 1
 
-    def logprobs(self) -> torch.Tensor:
+    def logprobs(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixture's log-probabilities (into ``out``, which may be the accumulator itself
+        once no member is to be added)."""
         if self._acc is None:
             raise ValueError("no member was added")
-        return self._acc if self._log_weights is not None else self._acc - math.log(self._n)
+        if self._log_weights is not None:
+            return self._acc
+        return torch.sub(self._acc, math.log(self._n), out=out)
 
 
-def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
-    total = tensors[0].clone()  # summed in place: no [N, n, vocab] stack
-    for t in tensors[1:]:
-        total += t
-    return total.div_(len(tensors))
+class Mean:
+    """Running mean of [n, vocab] tensors, summed in place (no [N, n, vocab] stack), in ``out``
+    when given. The log-softmax of the mean is `mean_logit` (of the members' logits) or
+    `geometric` (of their log-probabilities)."""
 
+    def __init__(self, out: torch.Tensor | None = None) -> None:
+        self._total: torch.Tensor | None = None
+        self._out = out
+        self._n = 0
 
-def mean_logit(scaled_logits: list[torch.Tensor]) -> torch.Tensor:
-    return torch.log_softmax(_mean(scaled_logits), dim=-1)
+    def add(self, x: torch.Tensor) -> None:
+        if self._total is None:
+            self._total = x.clone() if self._out is None else self._out.copy_(x)
+        else:
+            self._total += x
+        self._n += 1
 
-
-def geometric(logps: list[torch.Tensor]) -> torch.Tensor:
-    return torch.log_softmax(_mean(logps), dim=-1)
+    def log_softmax(self) -> torch.Tensor:
+        """log_softmax of the mean, in the accumulator's memory (the accumulator is spent)."""
+        if self._total is None:
+            raise ValueError("nothing was added")
+        mean = self._total.div_(self._n)
+        return torch.log_softmax(mean, dim=-1, out=mean if self._out is not None else None)
 
 
 def fit_mixture_weights(

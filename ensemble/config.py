@@ -246,6 +246,14 @@ class TrainConfig:
     """`auto`: bf16 on GPUs that support it, else fp16 on GPU, full precision on CPU (or what
     `accelerate launch --mixed_precision` says)."""
 
+    compile: bool | Literal["auto"] = "auto"
+    """Compile each member with `torch.compile` (in place: checkpoints and saved members are the
+    same as without). `auto`: on CUDA, off on CPU; where compiling fails, `auto` logs it and runs
+    eager, `true` stops with an error. The first steps are slower (compilation, logged)."""
+
+    tf32: bool = True
+    """Let float32 matmuls use TF32 tensor cores on CUDA while training (ignored on CPU)."""
+
     logging_steps: int = 10
     """Log loss, learning rate, tokens/s and MFU every this many optimizer steps."""
 
@@ -298,7 +306,14 @@ class CheckpointConfig:
     dir: str | None = None
     """Where checkpoints go (one folder per member). Empty: `<output.dir>/checkpoints`."""
 
+    stop_check_steps: int = 10
+    """Every this many optimizer steps the processes agree whether a stop signal (SIGTERM,
+    SIGUSR1) arrived; a signal is honoured at the next such step. Checking is a host
+    synchronisation (an all-reduce and a store lookup in multi-process runs), hence not every step."""
+
     def validate(self) -> None:
+        if self.stop_check_steps < 1:
+            raise ConfigError(f"checkpoint.stop_check_steps={self.stop_check_steps} must be at least 1")
         if self.every_steps is not None and self.every_steps < 1:
             raise ConfigError(
                 f"checkpoint.every_steps={self.every_steps} must be at least 1 (or null for epoch ends only)"
@@ -343,7 +358,17 @@ class EvalConfig:
 
     chunk_tokens: int = 1024
     """Positions turned into full-vocabulary distributions at a time. Bounds evaluation memory:
-    about chunk_tokens x vocabulary x 4 bytes x (2 x members + 4)."""
+    about chunk_tokens x vocabulary x 4 bytes x (members + 4)."""
+
+    precision: Literal["auto", "float32", "bf16"] = "auto"
+    """Precision of the members' bodies and heads (bf16 autocast, or float32); log-softmax,
+    combiners and every sum stay float32 or float64. `auto`: bf16 on GPUs that support it,
+    float32 on CPU. Written into results.json and the table's header."""
+
+    compile: bool | Literal["auto"] = "auto"
+    """Compile the full-vocabulary scoring of each chunk with `torch.compile` (fused passes, no
+    host synchronisation). `auto`: on CUDA, off on CPU (compiling takes longer there than it
+    saves on small runs); where compiling fails, `auto` runs eager, `true` stops with an error."""
 
     plots: bool = True
     """Write ensemble_size.png and reliability.png next to results.json."""

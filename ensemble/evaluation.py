@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import itertools
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,29 +35,15 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from .combining import (
-    TEMPERATURE_GRID,
-    MeanProb,
-    fit_mixture_weights,
-    geometric,
-    mean_logit,
-    refine_grid,
-    temperature_nll_sums,
-)
+from .combining import TEMPERATURE_GRID, fit_mixture_weights, refine_grid, temperature_nll_sums
+from .compute import FLOAT32, autocast, resolve_compile, resolve_eval_precision
 from .config import DataConfig, EvalConfig
 from .data import EvalBlocks, PreparedData, collate_eval, prepare_data
 from .errors import EnsembleError
 from .members import context_length, read_member_info, verify_weights
-from .metrics import (
-    RowSums,
-    kl_sum,
-    light_update,
-    percentile_interval,
-    poisson_weights,
-    reliability,
-    row_result,
-)
+from .metrics import percentile_interval, reliability, row_result
 from .reporting import format_table, write_plots, write_results
+from .scoring import Scorer, Workspace, log_probs_of_targets
 
 logger = logging.getLogger(__name__)
 
@@ -240,13 +225,15 @@ class Collectives:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.cpu().numpy()
 
-    def gather_members(self, logits: torch.Tensor) -> list[torch.Tensor]:
-        """Member mode: every member's logits for this chunk, in member order."""
+    def gather_members(
+        self, logits: torch.Tensor, out: list[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """Member mode: every member's logits for this chunk, in member order (into ``out``)."""
         if not self.active:
             return [logits]
         import torch.distributed as dist
 
-        out = [torch.empty_like(logits) for _ in range(self.sharding.num_members)]
+        out = out or [torch.empty_like(logits) for _ in range(self.sharding.num_members)]
         dist.all_gather(out, logits.contiguous(), group=self._column_group)
         return out
 
@@ -265,147 +252,78 @@ class Collectives:
 # Streaming over the data
 
 
-def _chunks(
-    members: list[LoadedMember],
-    parts: dict[int, tuple[torch.nn.Module, torch.nn.Module]],
-    batch: dict[str, torch.Tensor],
-    chunk_tokens: int,
-    sharding: Sharding,
-    collectives: Collectives,
-    device: torch.device | str,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
-    """(targets, local block index of each position, every member's logits) per chunk."""
-    ids = batch["input_ids"].to(device)
-    attention_mask = batch["attention_mask"].to(device)
-    mask = batch["target_mask"].to(device)
-    targets = ids[:, 1:][mask]
-    block_of = torch.arange(ids.shape[0], device=device)[:, None].expand_as(mask)[mask]
-    states = {
-        i: body(ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1][mask]
-        for i, (body, _) in parts.items()
-    }
-    for start in range(0, len(targets), chunk_tokens):
-        stop = start + chunk_tokens
-        own = {i: parts[i][1](h[start:stop]).float() for i, h in states.items()}
-        if sharding.mode == "member":
-            logits = collectives.gather_members(own[sharding.group])
-        else:
-            logits = [own[i] for i in range(len(members))]
-        yield targets[start:stop], block_of[start:stop], logits
+@dataclass
+class _Stream:
+    """Turns batches of blocks into chunks of every member's logits: each held member's body runs
+    once per batch (in ``precision``), its head ``chunk_tokens`` positions at a time."""
+
+    parts: dict[int, tuple[torch.nn.Module, torch.nn.Module]]
+    members: int
+    vocab: int
+    chunk_tokens: int
+    sharding: Sharding
+    collectives: Collectives
+    device: torch.device
+    precision: str
+
+    def chunks(
+        self, batch: dict[str, torch.Tensor], workspace: Callable[[int, int, int], torch.Tensor | None]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
+        """(targets, local block index of each position, every member's logits) per chunk;
+        ``workspace(member, rows, vocab)`` names the buffer a member's logits go to (or None)."""
+        device = self.device
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        attention_mask = batch["attention_mask"].to(device, non_blocking=True)
+        mask = batch["target_mask"].to(device, non_blocking=True)
+        targets = ids[:, 1:][mask]
+        block_of = torch.arange(ids.shape[0], device=device)[:, None].expand_as(mask)[mask]
+        with autocast(self.precision, device):
+            states = {
+                i: body(ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1][mask]
+                for i, (body, _) in self.parts.items()
+            }
+        for start in range(0, len(targets), self.chunk_tokens):
+            stop = start + self.chunk_tokens
+            rows = len(targets[start:stop])
+            if self.sharding.mode == "member":
+                (i,) = self.parts
+                own = self._head(i, states[i][start:stop], None).float()
+                outs = [workspace(j, rows, self.vocab) for j in range(self.members)]
+                logits = self.collectives.gather_members(own, None if outs[0] is None else outs)
+            else:
+                logits = [
+                    self._head(i, states[i][start:stop], workspace(i, rows, self.vocab))
+                    for i in range(self.members)
+                ]
+            yield targets[start:stop], block_of[start:stop], logits
+
+    def _head(self, i: int, hidden: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """Member ``i``'s logits for ``hidden`` [rows, width], written into ``out`` when given:
+        for a float32 linear head, by the matmul itself (no [rows, vocab] allocation)."""
+        head = self.parts[i][1]
+        if (
+            out is not None
+            and self.precision == FLOAT32
+            and isinstance(head, torch.nn.Linear)
+            and hidden.dtype == head.weight.dtype == out.dtype
+        ):
+            if head.bias is None:
+                return torch.mm(hidden, head.weight.t(), out=out)
+            return torch.addmm(head.bias, hidden, head.weight.t(), out=out)
+        with autocast(self.precision, self.device):
+            logits = head(hidden)
+        return logits if out is None else out.copy_(logits)
 
 
 def _batches(
-    blocks: EvalBlocks, batch_size: int, which: range
+    blocks: EvalBlocks, batch_size: int, which: range, pin: bool = False
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(first block, batch) for the batches in ``which``; ``pin``: in page-locked memory, so the
+    copy to the GPU does not wait for the host."""
     for j in which:
         start = j * batch_size
-        yield start, collate_eval([blocks[b] for b in range(start, min(start + batch_size, len(blocks)))])
-
-
-# --------------------------------------------------------------------------------------------
-# Scoring
-
-
-@dataclass
-class Scorer:
-    """All sums of one evaluation: per-row metric sums, diversity, bootstrap replicates."""
-
-    member_names: list[str]
-    combiners: list[str]
-    temperatures: np.ndarray
-    weights: np.ndarray | None
-    bootstrap_samples: int
-    bootstrap_seed: int
-    rows: list[str] = field(init=False)
-    sums: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        n = len(self.member_names)
-        self.prefix_rows = [f"first-{k}" for k in range(2, n)]  # k = 1 and k = N are rows already
-        self.rows = list(self.member_names) + (list(self.combiners) + self.prefix_rows if n > 1 else [])
-        self.index = {name: r for r, name in enumerate(self.rows)}
-        self.pairs = list(itertools.combinations(range(n), 2))
-        self.sums = np.zeros((len(self.rows), RowSums.SIZE))
-        self.kl = np.zeros(1)  # sum over positions of mean_i KL(p_i || mixture)
-        self.disagree = np.zeros(len(self.pairs))
-        self.boot_tokens = np.zeros(self.bootstrap_samples)
-        self.boot = np.zeros((self.bootstrap_samples, len(self.rows), 2))  # correct, nll
-        self._block: torch.Tensor | None = None
-
-    def begin_batch(self, n_blocks: int, device: torch.device | str) -> None:
-        self._block = torch.zeros((n_blocks, len(self.rows) + 1, 2), dtype=torch.float64, device=device)
-
-    def _row(self, name: str, logp: torch.Tensor, targets: torch.Tensor, block_of: torch.Tensor):
-        """Score one row; returns (top-1 predictions, probabilities)."""
-        r = self.index[name]
-        pred, per_position, p = RowSums(self.sums[r]).update(logp, targets)
-        self._block[:, r].index_add_(0, block_of, per_position)
-        return pred, p
-
-    def score(self, logits: list[torch.Tensor], targets: torch.Tensor, block_of: torch.Tensor) -> None:
-        n = len(logits)
-        self._block[:, -1, 0].index_add_(0, block_of, torch.ones_like(targets, dtype=torch.float64))
-        scaled = [lg / float(t) if t != 1.0 else lg for lg, t in zip(logits, self.temperatures, strict=True)]
-        logps = [torch.log_softmax(s, dim=-1) for s in scaled]
-        if n == 1:
-            self._row(self.member_names[0], logps[0], targets, block_of)
-            return
-        mixture = MeanProb()
-        for k, lp in enumerate(logps, start=1):
-            mixture.add(lp)
-            if 2 <= k < n:  # the curve needs accuracy and NLL only
-                r = self.index[f"first-{k}"]
-                self._block[:, r].index_add_(
-                    0, block_of, light_update(self.sums[r], mixture.logprobs(), targets)
-                )
-        mixture_logp = mixture.logprobs()
-        del mixture
-        self._row("mean_prob", mixture_logp, targets, block_of)
-        preds = []
-        for name, lp in zip(self.member_names, logps, strict=True):
-            pred, p = self._row(name, lp, targets, block_of)
-            self.kl += kl_sum(p, lp, mixture_logp) / n  # each member's probabilities freed at once
-            preds.append(pred)
-        del mixture_logp
-        for q, (i, j) in enumerate(self.pairs):
-            self.disagree[q] += int((preds[i] != preds[j]).sum())
-        if "mean_logit" in self.index:
-            self._row("mean_logit", mean_logit(scaled), targets, block_of)
-        if "geometric" in self.index:
-            self._row("geometric", geometric(logps), targets, block_of)
-        if "weighted" in self.index:
-            weighted = MeanProb(log_weights=np.log(self.weights))
-            for lp in logps:
-                weighted.add(lp)
-            self._row("weighted", weighted.logprobs(), targets, block_of)
-
-    def end_batch(self, first_block: int) -> None:
-        """Fold the batch's per-block sums into the bootstrap replicates."""
-        block = self._block.cpu().numpy()
-        self._block = None
-        if not self.bootstrap_samples:
-            return
-        w = poisson_weights(
-            self.bootstrap_seed, np.arange(first_block, first_block + len(block)), self.bootstrap_samples
-        )
-        self.boot_tokens += w @ block[:, -1, 0]
-        stats = block[:, :-1]  # [blocks, rows, 2]
-        # 0 x inf must stay 0 (a block left out of a replicate cannot make its NLL infinite)
-        with np.errstate(invalid="ignore"):  # the 0 x inf products are discarded by the where
-            weighted = np.where(w[:, :, None, None] > 0, w[:, :, None, None] * stats[None], 0.0)
-        self.boot += weighted.sum(axis=1)
-
-    def pack(self) -> np.ndarray:
-        return np.concatenate(
-            [self.sums.ravel(), self.kl, self.disagree, self.boot_tokens, self.boot.ravel()]
-        )
-
-    def unpack(self, flat: np.ndarray) -> None:
-        sizes = [self.sums.size, 1, self.disagree.size, self.boot_tokens.size, self.boot.size]
-        parts = np.split(flat, np.cumsum(sizes)[:-1])
-        self.sums = parts[0].reshape(self.sums.shape)
-        self.kl, self.disagree, self.boot_tokens = parts[1], parts[2], parts[3]
-        self.boot = parts[4].reshape(self.boot.shape)
+        batch = collate_eval([blocks[b] for b in range(start, min(start + batch_size, len(blocks)))])
+        yield start, {k: v.pin_memory() for k, v in batch.items()} if pin else batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,21 +331,16 @@ class Scorer:
 
 
 def _fit(
-    members: list[LoadedMember],
-    parts: dict,
-    blocks: EvalBlocks,
-    cfg: EvalConfig,
-    sharding: Sharding,
-    collectives: Collectives,
-    device: torch.device | str,
+    stream: _Stream, blocks: EvalBlocks, cfg: EvalConfig, workspace: Workspace | None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(per-member temperatures, mixture weights or None) fitted on ``blocks``."""
-    n = len(members)
+    n, sharding, collectives = stream.members, stream.sharding, stream.collectives
     n_batches = -(-len(blocks) // cfg.per_device_batch_size)
+    buffers = workspace.member if workspace is not None else (lambda *_: None)
 
     def chunks():
         for _, batch in _batches(blocks, cfg.per_device_batch_size, sharding.batches(n_batches)):
-            yield from _chunks(members, parts, batch, cfg.chunk_tokens, sharding, collectives, device)
+            yield from stream.chunks(batch, buffers)
 
     temperatures = np.ones(n)
     if cfg.temperature_scaling:
@@ -438,7 +351,7 @@ def _fit(
                 for targets, _, logits in chunks():
                     if sharding.accumulates:
                         for i in range(n):
-                            sums[i] += temperature_nll_sums(logits[i], targets, grids[i])
+                            sums[i] += temperature_nll_sums(logits[i].float(), targets, grids[i])
             sums = collectives.allreduce_sum(sums)
             best = sums.argmin(axis=1)
             temperatures = np.array([grids[i][best[i]] for i in range(n)])
@@ -450,13 +363,7 @@ def _fit(
         with torch.inference_mode():
             for targets, _, logits in chunks():
                 if sharding.accumulates:
-                    lp = [
-                        torch.log_softmax(lg / float(t), dim=-1)
-                        for lg, t in zip(logits, temperatures, strict=True)
-                    ]
-                    target_logp.append(
-                        torch.stack([x.gather(1, targets[:, None]).squeeze(1) for x in lp], 1).double().cpu()
-                    )
+                    target_logp.append(log_probs_of_targets(logits, targets, temperatures, workspace).cpu())
         local = torch.cat(target_logp).numpy() if target_logp else np.zeros((0, n))
         weights = fit_mixture_weights(local, allreduce=collectives.allreduce_sum)
     return temperatures, weights
@@ -476,6 +383,7 @@ def evaluate_members(
     show_progress: bool = True,
 ) -> Scorer:
     """Score ``blocks`` with every member and combiner; returns the (all-reduced) sums."""
+    device = torch.device(device)
     sharding = sharding or Sharding("data", 0, 1, len(members))
     collectives = Collectives(sharding)
     for m in members:
@@ -485,31 +393,36 @@ def evaluate_members(
                 f"data.block_size={blocks.block_size} exceeds the context of member {m.name} "
                 f"({ctx} tokens); set data.block_size <= {ctx}"
             )
+    precision = resolve_eval_precision(cfg.precision, device)
+    compiled = resolve_compile(cfg.compile, device, "eval.compile")
     parts = {i: _body_and_head(members[i].model) for i in sorted(sharding.members_held)}
+    stream = _Stream(
+        parts, len(members), members[0].config.vocab_size, cfg.chunk_tokens, sharding, collectives, device,
+        precision,
+    )  # fmt: skip
     n = len(members)
     combiners = [c for c in cfg.combiners if c != "weighted" or n > 1]
     temperatures, weights = np.ones(n), None
     if cfg.temperature_scaling or (n > 1 and "weighted" in combiners):
         if fit_blocks is None:
             raise EnsembleError("fitting weights or temperatures needs a validation split; none was given")
-        temperatures, weights = _fit(members, parts, fit_blocks, cfg, sharding, collectives, device)
+        temperatures, weights = _fit(stream, fit_blocks, cfg, None if compiled else Workspace(device))
     for m, t in zip(members, temperatures, strict=True):
         m.temperature = float(t)
     scorer = Scorer(
-        [m.name for m in members], combiners, temperatures, weights, cfg.bootstrap_samples, cfg.bootstrap_seed
-    )
+        [m.name for m in members], combiners, temperatures, weights, cfg.bootstrap_samples, cfg.bootstrap_seed,
+        device=device, compile=cfg.compile if compiled else False, precision=precision,
+    )  # fmt: skip
     n_batches = -(-len(blocks) // cfg.per_device_batch_size)
     mine = sharding.batches(n_batches)
     with torch.inference_mode():
         for first, batch in tqdm(
-            _batches(blocks, cfg.per_device_batch_size, mine), total=len(mine), desc="Evaluating",
-            unit="batch", disable=not show_progress or sharding.rank != 0,
+            _batches(blocks, cfg.per_device_batch_size, mine, pin=device.type == "cuda"), total=len(mine),
+            desc="Evaluating", unit="batch", disable=not show_progress or sharding.rank != 0,
         ):  # fmt: skip
             if sharding.accumulates:
                 scorer.begin_batch(len(batch["input_ids"]), device)
-            for targets, block_of, logits in _chunks(
-                members, parts, batch, cfg.chunk_tokens, sharding, collectives, device
-            ):
+            for targets, block_of, logits in stream.chunks(batch, scorer.workspace):
                 if sharding.accumulates:
                     scorer.score(logits, targets, block_of)
             if sharding.accumulates:
@@ -570,6 +483,8 @@ def results_dict(
             "mode": sharding.mode,
             "processes": sharding.world_size,
             "combiners": list(scorer.combiners),
+            "precision": scorer.precision,
+            "compiled": scorer.compiled,
             "temperature_scaling": cfg.temperature_scaling,
             "bootstrap": {
                 "samples": scorer.bootstrap_samples,

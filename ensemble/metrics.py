@@ -16,7 +16,7 @@ Conventions, checked against brute force in the tests:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,12 +25,25 @@ TOPK = 5
 ECE_BINS = 15
 # Sums kept per row, in this order, then the 3 x ECE_BINS bin sums.
 SUMS = ("tokens", "correct", "correct_top5", "nll", "brier")
+SIZE = len(SUMS) + 3 * ECE_BINS
 
 
-def top1_and_top5(
-    logp: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(prediction, its log-prob, top-1 correct, top-5 correct) with ties broken by token id."""
+class PositionStats(NamedTuple):
+    """What one row (a member or a combination) gives at each position of a chunk."""
+
+    pred: torch.Tensor  # [n] top-1 token, the lowest id among ties
+    best: torch.Tensor  # [n] its log-probability
+    correct: torch.Tensor  # [n] bool
+    in_top5: torch.Tensor  # [n] bool: the target's rank (ties by id) is below 5
+    target_logp: torch.Tensor  # [n] log p(target)
+    square_sum: torch.Tensor  # [n] sum_v p(v)^2
+
+
+def _top1_and_top5_with_fixups(
+    logp: torch.Tensor, targets: torch.Tensor, target_logp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prediction, its log-prob, top-5 membership): one top-k, then the exact tie rules on the
+    few rows that need them (found with `nonzero`, a host synchronisation: free on CPU)."""
     k = min(TOPK, logp.shape[1])
     top = logp.topk(max(k, 2) if logp.shape[1] > 1 else 1, dim=1)
     best, pred = top.values[:, 0], top.indices[:, 0]
@@ -39,7 +52,6 @@ def top1_and_top5(
         if len(tied_top):
             pred = pred.clone()
             pred[tied_top] = logp[tied_top].argmax(dim=1)  # argmax returns the first maximum
-    target_logp = logp.gather(1, targets[:, None]).squeeze(1)
     kth = top.values[:, k - 1]
     in_top = target_logp > kth  # strictly above the k-th value: rank < k whatever the ties
     tied = (target_logp == kth).nonzero().squeeze(1)
@@ -48,61 +60,75 @@ def top1_and_top5(
         ids = torch.arange(logp.shape[1], device=logp.device)
         ahead = (rows > t).sum(1) + ((rows == t) & (ids < targets[tied, None])).sum(1)
         in_top[tied] = ahead < k
-    return pred, best, pred == targets, in_top
+    return pred, best, in_top
 
 
-@dataclass
-class RowSums:
-    """Sums over predicted positions for one row (a member or a combination)."""
-
-    sums: np.ndarray = field(default_factory=lambda: np.zeros(len(SUMS) + 3 * ECE_BINS))
-
-    SIZE = len(SUMS) + 3 * ECE_BINS
-
-    def update(
-        self, logp: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Add positions with log-probabilities ``logp`` [n, vocab] (float32) and targets [n].
-        Returns (top-1 predictions, per-position [correct, nll] as float64 for the caller's
-        per-block sums, the probabilities exp(logp) for reuse)."""
-        pred, best, correct, in_top = top1_and_top5(logp, targets)
-        target_logp = logp.gather(1, targets[:, None]).squeeze(1).double()
-        p = logp.exp()
-        brier = (p * p).sum(1).double() - 2 * target_logp.exp() + 1
-        confidence = best.double().exp()
-        bins = (confidence * ECE_BINS).long().clamp(max=ECE_BINS - 1)
-        s = self.sums
-        s[0] += len(targets)
-        s[1] += int(correct.sum())
-        s[2] += int(in_top.sum())
-        s[3] += -float(target_logp.sum())
-        s[4] += float(brier.sum())
-        base = len(SUMS)
-        s[base : base + ECE_BINS] += torch.bincount(bins, minlength=ECE_BINS).double().cpu().numpy()
-        s[base + ECE_BINS : base + 2 * ECE_BINS] += (
-            torch.zeros(ECE_BINS, dtype=torch.float64, device=logp.device)
-            .index_add_(0, bins, confidence)
-            .cpu()
-            .numpy()
-        )
-        s[base + 2 * ECE_BINS :] += (
-            torch.zeros(ECE_BINS, dtype=torch.float64, device=logp.device)
-            .index_add_(0, bins, correct.double())
-            .cpu()
-            .numpy()
-        )
-        return pred, torch.stack([correct.double(), -target_logp], dim=1), p
+def _top1_and_top5_branch_free(
+    logp: torch.Tensor, targets: torch.Tensor, target_logp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same without data-dependent branches or host synchronisations: every row pays for the
+    exact rank, which costs extra passes in eager CPU code but fuses into one pass when compiled,
+    and keeps a GPU from waiting on the host."""
+    best, pred = logp.max(dim=1)  # the first maximum: the lowest id among ties
+    t = target_logp[:, None]
+    ids = torch.arange(logp.shape[1], device=logp.device)
+    ahead = (logp > t).sum(1) + ((logp == t) & (ids < targets[:, None])).sum(1)
+    return pred, best, ahead < min(TOPK, logp.shape[1])
 
 
-def light_update(sums: np.ndarray, logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Only tokens, top-1 and NLL (for the ensemble-size curve): one max, one gather. Returns
-    per-position [correct, nll] as float64, like :meth:`RowSums.update`."""
+def position_stats(
+    logp: torch.Tensor,
+    targets: torch.Tensor,
+    branch_free: bool,
+    p_out: torch.Tensor | None = None,
+    square_out: torch.Tensor | None = None,
+) -> tuple[PositionStats, torch.Tensor]:
+    """The per-position quantities of one row from its log-probabilities ``logp`` [n, vocab]
+    (float32), and the probabilities exp(logp) for the KL that may follow. ``p_out`` and
+    ``square_out``: [n, vocab] buffers to write into instead of allocating."""
+    target_logp = logp.gather(1, targets[:, None]).squeeze(1)
+    top = _top1_and_top5_branch_free if branch_free else _top1_and_top5_with_fixups
+    pred, best, in_top = top(logp, targets, target_logp)
+    p = torch.exp(logp, out=p_out)
+    square_sum = torch.mul(p, p, out=square_out).sum(1)
+    return PositionStats(pred, best, pred == targets, in_top, target_logp, square_sum), p
+
+
+def add_row(sums: torch.Tensor, s: PositionStats) -> torch.Tensor:
+    """Add a chunk's positions to one row's sums (a float64 tensor of :data:`SIZE` values, on
+    the device: no host synchronisation). Returns per-position [correct, nll] as float64, for
+    the caller's per-block sums."""
+    target_logp = s.target_logp.double()
+    brier = s.square_sum.double() - 2 * target_logp.exp() + 1
+    confidence = s.best.double().exp()
+    bins = (confidence * ECE_BINS).long().clamp(max=ECE_BINS - 1)
+    correct = s.correct.double()
+    sums[0] += len(target_logp)
+    sums[1] += correct.sum()
+    sums[2] += s.in_top5.sum()
+    sums[3] -= target_logp.sum()
+    sums[4] += brier.sum()
+    base = len(SUMS)
+    for offset, values in enumerate((torch.ones_like(confidence), confidence, correct)):
+        start = base + offset * ECE_BINS
+        sums[start : start + ECE_BINS] += torch.zeros_like(sums[:ECE_BINS]).index_add_(0, bins, values)
+    return torch.stack([correct, -target_logp], dim=1)
+
+
+def light_stats(logp: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only top-1 correctness and log p(target), for the ensemble-size curve: one max, one gather."""
     correct = logp.argmax(dim=1) == targets  # argmax returns the first maximum
-    target_logp = logp.gather(1, targets[:, None]).squeeze(1).double()
-    sums[0] += len(targets)
-    sums[1] += int(correct.sum())
-    sums[3] += -float(target_logp.sum())
-    return torch.stack([correct.double(), -target_logp], dim=1)
+    return correct, logp.gather(1, targets[:, None]).squeeze(1)
+
+
+def add_light(sums: torch.Tensor, correct: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
+    """Add :func:`light_stats` to a row's tokens, top-1 and NLL sums. Returns per-position
+    [correct, nll] as float64, like :func:`add_row`."""
+    correct, target_logp = correct.double(), target_logp.double()
+    sums[0] += len(target_logp)
+    sums[1] += correct.sum()
+    sums[3] -= target_logp.sum()
+    return torch.stack([correct, -target_logp], dim=1)
 
 
 def row_result(sums: np.ndarray) -> dict[str, float | int]:
@@ -156,16 +182,26 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def kl_sum(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> float:
-    """Sum over positions of KL(p || q) = sum_v p (log p - log q), 0 log 0 = 0.
+def kl_per_position(
+    p: torch.Tensor,
+    logp: torch.Tensor,
+    logq: torch.Tensor,
+    branch_free: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(p || q) = sum_v p (log p - log q) at each position, 0 log 0 = 0 (``out``: an
+    [n, vocab] buffer to use).
 
-    Reduced over the vocabulary in float32 (the terms are small and mostly of one sign), then
-    over positions in float64: a float64 reduction over [positions, vocab] costs ~50x more on
-    CPU. Rows where some p = 0 met log p = -inf (only with -inf logits) are redone with masking.
-    """
-    per_position = (p * (logp - logq)).sum(1)
+    Reduced over the vocabulary in float32 (the terms are small and mostly of one sign); the
+    caller sums positions in float64 (a float64 reduction over [positions, vocab] costs ~50x more
+    on CPU). Where p = 0 met log p = -inf (only with -inf logits) the product is NaN: those rows
+    are redone with masking (branch-free: every row is masked)."""
+    terms = torch.sub(logp, logq, out=out).mul_(p)
+    if branch_free:
+        return torch.where(p > 0, terms, 0.0).sum(1)
+    per_position = terms.sum(1)
     bad = torch.isnan(per_position).nonzero().squeeze(1)
     if len(bad):
         pb = p[bad]
         per_position[bad] = torch.where(pb > 0, pb * (logp[bad] - logq[bad]), 0.0).sum(1)
-    return float(per_position.double().sum())
+    return per_position

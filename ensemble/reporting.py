@@ -38,7 +38,8 @@ def format_table(results: dict[str, Any]) -> str:
     """Markdown: members, then the ensemble's combinations, then what the ensemble gains."""
     data = results["data"]
     lines = [
-        f"# Ensemble results: {data.get('source', '')} ({results['split']} split)",
+        f"# Ensemble results: {data.get('source', '')} ({results['split']} split, "
+        f"{results['evaluation']['precision']} forward passes)",
         "",
         f"{data['tokens_evaluated']:,} predicted tokens in {data['blocks']:,} blocks of up to "
         f"{data['block_size']} tokens. Accuracy is top-1 next-token accuracy; NLL is the mean "

@@ -34,6 +34,7 @@ from .checkpointing import (
     read_checkpoint_info,
     trajectory_config,
 )
+from .compute import deterministic, resolve_compile, resolve_mixed_precision, tf32
 from .config import ExperimentConfig, config_from_dict
 from .data import PreparedData, iter_texts, load_splits, prepare_data
 from .distributed import (
@@ -41,7 +42,6 @@ from .distributed import (
     accelerator_kwargs,
     launch_info,
     local_device,
-    on_cpu,
     reset_accelerate_state,
     state_kwargs,
 )
@@ -130,17 +130,6 @@ def resolve_block_size(cfg: ExperimentConfig, model_config: Any) -> int:
     return block_size
 
 
-def resolve_mixed_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher != "no":
-        return launcher  # chosen with `accelerate launch --mixed_precision`
-    if not on_cpu():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
 # --------------------------------------------------------------------------------------------
 # One member
 
@@ -154,7 +143,7 @@ def _cpus_available() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _optimizer(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, cfg: ExperimentConfig, fused: bool) -> torch.optim.Optimizer:
     # Decay weight matrices only; biases and LayerNorm gains stay undecayed (as in GPT-2/nanoGPT).
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -164,7 +153,22 @@ def _optimizer(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.optim.Opt
         lr=t.lr,
         betas=tuple(t.adam_betas),
         eps=t.adam_eps,
+        fused=fused or None,  # one kernel for all parameters (CUDA); None: torch's default (foreach)
     )
+
+
+def _compile_in_place(accelerator: Any, model: Any) -> None:
+    """torch.compile the member where it sits. In place (`nn.Module.compile`), not through
+    Accelerate's dynamo plugin: its `OptimizedModule` wrapper prefixes every state-dict key with
+    `_orig_mod.`, so checkpoints written with compile could not be resumed without it (and saved
+    members would need unwrapping). Under DeepSpeed the engine compiles its module itself, the
+    same way."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.compile(backend="inductor", compile_kwargs={})
+    else:
+        accelerator.unwrap_model(model).compile()
 
 
 class MemberDiverged(EnsembleError):
@@ -187,10 +191,12 @@ def train_member(
     resume_from: Path | None = None,
     stop: StopRequest | None = None,
     run_id: str | None = None,
+    compile_model: bool = False,
 ) -> dict[str, Any]:
     """Train one member on the processes of the current world and save it, from scratch or
     from the checkpoint ``resume_from``, checkpointing on the way. Returns its training summary.
-    Knows nothing of placement: the world it runs in is its group.
+    Knows nothing of placement: the world it runs in is its group. ``compile_model``: the
+    `train.compile` decision of :func:`compute.resolve_compile`.
 
     Raises :class:`Preempted` after checkpointing when ``stop`` is requested, and
     :class:`MemberDiverged` when the loss becomes non-finite."""
@@ -212,15 +218,20 @@ def train_member(
         mixed_precision=mixed_precision,
         log_with=make_trackers(cfg, spec.name, paths.logs, run_id) or None,
         # The sampler's order depends on the member's seed and the epoch only, so it is the
-        # same on every rank and after a restart.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=spec.seed),
+        # same on every rank and after a restart. Batches are copied to the GPU without waiting
+        # (from pinned memory, see the loader).
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=spec.seed, non_blocking=True
+        ),
         step_scheduler_with_optimizer=False,
     )
     try:
-        return _train_prepared(
-            accelerator, model, cfg, spec, data, tokenizer, model_config, paths, zero, flops,
-            mixed_precision, resume_from, stop,
-        )  # fmt: skip
+        # Compiled CPU code is deterministic only in torch's deterministic mode (see compute).
+        with tf32(t.tf32), deterministic(compile_model and accelerator.device.type == "cpu"):
+            return _train_prepared(
+                accelerator, model, cfg, spec, data, tokenizer, model_config, paths, zero, flops,
+                mixed_precision, resume_from, stop, compile_model,
+            )  # fmt: skip
     finally:
         # Not accelerator.end_training(): it also destroys the process group, which the next
         # member and the evaluation still need. train_run tears the worlds down at the end.
@@ -232,7 +243,7 @@ def train_member(
 
 def _train_prepared(
     accelerator, model, cfg, spec, data, tokenizer, model_config, paths, zero, flops, mixed_precision,
-    resume_from, stop,
+    resume_from, stop, compile_model,
 ) -> dict[str, Any]:  # fmt: skip
     from transformers import get_scheduler
 
@@ -258,10 +269,14 @@ def _train_prepared(
         torch.manual_seed(spec.seed + accelerator.process_index)
         # The loader draws a base seed at every epoch start: from a generator of its own, not from
         # the process RNG that drives dropout, so that resuming mid-epoch cannot shift dropout.
+        cuda = accelerator.device.type == "cuda"
         loader = DataLoader(
-            data.train_blocks(), batch_size=t.per_device_batch_size, shuffle=True, generator=torch.Generator()
-        )
-        model, optimizer, loader = accelerator.prepare(model, _optimizer(model, cfg), loader)
+            data.train_blocks(), batch_size=t.per_device_batch_size, shuffle=True, generator=torch.Generator(),
+            pin_memory=cuda,
+        )  # fmt: skip
+        model, optimizer, loader = accelerator.prepare(model, _optimizer(model, cfg, fused=cuda), loader)
+        if compile_model:
+            _compile_in_place(accelerator, model)
         steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
         total_steps = t.max_steps or steps_per_epoch * t.num_epochs
         if t.warmup_steps >= total_steps:
@@ -292,7 +307,7 @@ def _train_prepared(
         ranks = accelerator.gather(torch.tensor([launch_info().rank], device=accelerator.device)).tolist()
         logger.info(
             "%s (seed %d) on rank(s) %s%s: %d blocks of %d tokens, %d optimizer steps; %.3g FLOPs/token, "
-            "peak %s TFLOP/s per device (%s)",
+            "peak %s TFLOP/s per device (%s); torch.compile %s (train.compile=%s), precision %s",
             spec.name,
             spec.seed,
             ranks,
@@ -303,8 +318,11 @@ def _train_prepared(
             flops,
             f"{peak:.3g}" if peak else "?",
             peak_source,
+            "on" if compile_model else "off",
+            t.compile,
+            mixed_precision,
         )
-        throughput = {"flops_per_token": flops, "peak_tflops": peak}
+        throughput = {"flops_per_token": flops, "peak_tflops": peak, "compiled": compile_model}
         checkpoint_info = {
             "member": spec.name,
             "index": spec.index,
@@ -356,6 +374,7 @@ class _Loop:
         epochs = math.ceil(total_steps / steps_per_epoch)
         saved_step = p.step if resume_from is not None else None  # that state is already on disk
         window_start = time.perf_counter()
+        first_step_s: float | None = None
         self.model.train()
         # A context manager, so the bar is closed (not redrawn later) when an error ends training.
         with tqdm(
@@ -394,6 +413,14 @@ class _Loop:
                     if acc.gradient_state.end_of_dataloader:  # the position is always "next batch"
                         p.epoch, p.batch_in_epoch = p.epoch + 1, 0
                     bar.update(1)
+                    if first_step_s is None:  # compilation happens in this process's first step
+                        first_step_s = time.perf_counter() - window_start
+                        if throughput["compiled"]:
+                            logger.info(
+                                "%s: first optimizer step %.1f s (torch.compile compiled the member)",
+                                spec.name,
+                                first_step_s,
+                            )
                     inject("raise", spec.index, p.step)
                     inject("kill", spec.index, p.step)
                     if p.step % t.logging_steps == 0 or p.step == total_steps:
@@ -425,7 +452,11 @@ class _Loop:
                     due = (c.every_steps is not None and p.step % c.every_steps == 0) or (
                         c.at_epoch_end and p.batch_in_epoch == 0
                     )
-                    stopping = stop is not None and stop.agreed(acc.device)
+                    # Agreeing on a stop is a host synchronisation (and, across processes, an
+                    # all-reduce and a store lookup): every checkpoint.stop_check_steps steps only.
+                    stopping = (
+                        stop is not None and p.step % c.stop_check_steps == 0 and stop.agreed(acc.device)
+                    )
                     if (due or stopping) and p.step != saved_step:
                         self._save(checkpoint_info)
                         saved_step = p.step
@@ -444,6 +475,7 @@ class _Loop:
             "seconds": round(seconds, 3),
             "tokens_per_s": tokens_per_s,
             "final_loss": p.last_loss,
+            "first_step_seconds": round(first_step_s, 3) if first_step_s is not None else None,
             **throughput,
             "mfu": mfu(
                 throughput["flops_per_token"], tokens_per_s, throughput["peak_tflops"], acc.num_processes
@@ -679,6 +711,13 @@ def _run(
     if zero:
         check_batch(zero, cfg, layout.group_size)
     plan = plan_resume(cfg, paths, specs, resume, layout.group_size, selected)
+    if cfg.train.compile == "auto" and zero and zero.stage == 3:
+        # ZeRO-3's parameter-gathering hooks make dynamo recompile every step until it gives up
+        # (and falls back to eager) after its recompile limit: nothing to gain by default.
+        logger.info("train.compile=auto: off under ZeRO-3 (set train.compile=true to force it)")
+        compile_model = False
+    else:
+        compile_model = resolve_compile(cfg.train.compile, local_device(), "train.compile")
     if not needs_training_text(cfg.model):
         tokenizer = load_tokenizer(cfg.model)
     with worlds.main_first("data"):  # rank 0 fills the datasets cache (and trains a bpe tokenizer)
@@ -753,6 +792,7 @@ def _run(
                 train_member(
                     cfg, spec, data, tokenizer, model_config, paths, zero, flops,
                     resume_from=plan.start.get(spec.index), stop=stop, run_id=run_info["run_id"],
+                    compile_model=compile_model,
                 )  # fmt: skip
             except MemberDiverged as e:
                 # That member stops; the group goes on with its other members.

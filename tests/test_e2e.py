@@ -184,6 +184,29 @@ def test_wandb_without_credentials_runs_offline_and_records_metrics(tmp_path, da
     assert wandb_records.config(run_file)["member.seed"] == 7
 
 
+def test_bf16_evaluation_agrees_with_float32(run_dir, tmp_path):
+    """eval.precision=bf16 (CPU autocast) against the run's own float32 results: within the
+    tolerances the README states, and not identical (the members really ran in bf16)."""
+    out = tmp_path / "bf16"
+    _run([PYTHON, "launch/evaluate.py", str(run_dir), "eval.precision=bf16", "--output", str(out)])
+    f32 = json.loads((run_dir / "results.json").read_text())
+    bf16 = json.loads((out / "results.json").read_text())
+    assert (f32["evaluation"]["precision"], bf16["evaluation"]["precision"]) == ("float32", "bf16")
+    assert "(test split, bf16 forward passes)" in (out / "results.md").read_text()
+    assert "(test split, float32 forward passes)" in (run_dir / "results.md").read_text()
+    rows = [(a, b) for part in ("members", "combiners") for a, b in zip(
+        f32[part] if part == "members" else f32[part].values(),
+        bf16[part] if part == "members" else bf16[part].values(), strict=True)]  # fmt: skip
+    assert len(rows) == 7
+    for a, b in rows:
+        assert b["tokens"] == a["tokens"]
+        assert b["nll"] == pytest.approx(a["nll"], rel=1e-3)
+        for key in ("accuracy", "top5_accuracy", "ece"):
+            assert abs(b[key] - a[key]) <= 5e-3, key
+        assert abs(b["brier"] - a["brier"]) <= 1e-3
+    assert any(a["nll"] != b["nll"] for a, b in rows)
+
+
 def test_torchrun_processes_form_one_job_on_cpu(tmp_path, datasets_cache):
     """Several CPU ranks must train a member together (gloo), not each on its own."""
     torchrun = Path(PYTHON).with_name("torchrun")

@@ -176,8 +176,8 @@ def test_cli_prints_a_single_error_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: unknown config key train.lrr (did you mean lr?); valid keys in train: adam_betas, adam_eps, "
-        "gradient_accumulation_steps, logging_steps, lr, lr_scheduler, max_grad_norm, max_steps, "
-        "mixed_precision, num_epochs, peak_tflops, per_device_batch_size, warmup_steps, weight_decay"
+        "compile, gradient_accumulation_steps, logging_steps, lr, lr_scheduler, max_grad_norm, max_steps, "
+        "mixed_precision, num_epochs, peak_tflops, per_device_batch_size, tf32, warmup_steps, weight_decay"
     ]
 
 
@@ -226,3 +226,40 @@ def test_evaluate_errors(tmp_path, capsys):
     fails([], "give either a run directory or --members")
     (tmp_path / "m").mkdir()
     fails(["--members", str(tmp_path / "m")], "config " + str(tmp_path / "m" / "config.yaml") + " not found")
+
+
+def test_compile_where_it_cannot_run_stops_before_any_work(tmp_path, datasets_cache):
+    """train.compile=true / eval.compile=true on a machine without a working C++ compiler (what
+    inductor needs for CPU code): one line naming the setting and the fix, nothing written."""
+    import os
+
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),  # nothing compiled before may be reused
+    }
+    out = tmp_path / "run"
+    argv = tiny_overrides(out, datasets_cache, train__compile="true")
+    proc = subprocess.run([PYTHON, "launch/train.py", *argv], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: train.compile=true but torch.compile fails on this cpu ("), last
+    assert "InvalidCxxCompiler" in last
+    assert last.endswith(
+        "; install what it needs (a C++ compiler for CPU, Triton for GPU) or set train.compile=false"
+    )
+    assert not (out / "members").exists() and not (out / "manifest.json").exists()
+
+    # evaluation: the run's previous results stay as they were
+    assert train_main(tiny_overrides(out, datasets_cache, members__seeds="[42]", eval__plots="false")) == 0
+    before = (out / "results.json").read_bytes()
+    proc = subprocess.run([PYTHON, "launch/evaluate.py", str(out), "eval.compile=true"], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: eval.compile=true but torch.compile fails on this cpu (")
+    )
+    assert (out / "results.json").read_bytes() == before

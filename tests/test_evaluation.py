@@ -107,9 +107,18 @@ def synthetic():
     return make_synthetic(quantised=True)
 
 
-def _score(logits, y, blocks, weights, samples=40, chunk=70) -> Scorer:
+# The three forms of the chunk scoring (see ensemble/scoring.py): eager CPU code that resolves ties
+# on the few rows that have them, the branch-free eager form GPUs use, and the compiled form.
+MODES = {
+    "fixups": {"branch_free": False},
+    "branch-free": {"branch_free": True},
+    "compiled": {"compile": True},
+}
+
+
+def _score(logits, y, blocks, weights, samples=40, chunk=70, mode="fixups") -> Scorer:
     scorer = Scorer(["m0", "m1", "m2"], ["mean_prob", "mean_logit", "geometric", "weighted"],
-                    np.ones(3), weights, samples, 5)  # fmt: skip
+                    np.ones(3), weights, samples, 5, **MODES[mode])  # fmt: skip
     scorer.begin_batch(int(blocks.max()) + 1, "cpu")
     for s in range(0, len(y), chunk):  # in chunks, as the evaluator feeds it
         scorer.score([torch.from_numpy(x[s : s + chunk]) for x in logits], torch.from_numpy(y[s : s + chunk]),
@@ -118,11 +127,13 @@ def _score(logits, y, blocks, weights, samples=40, chunk=70) -> Scorer:
     return scorer
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("quantised", [True, False], ids=["with-ties", "continuous"])
-def test_every_row_matches_brute_force(quantised):
+def test_every_row_matches_brute_force(quantised, mode):
     logits, y, blocks = make_synthetic(quantised)
     w = np.array([0.5, 0.3, 0.2])
-    scorer = _score(logits, y, blocks, w)
+    scorer = _score(logits, y, blocks, w, mode=mode)
+    assert scorer.compiled == (mode == "compiled")  # compiled, not fallen back to eager
     p = [softmax64(x) for x in logits]
     with np.errstate(divide="ignore"):
         logp = [np.log(q) for q in p]
@@ -159,9 +170,10 @@ def test_every_row_matches_brute_force(quantised):
         assert any((x[t] == x[t].max()).sum() > 1 for x in logits for t in range(len(y)))
 
 
-def test_diversity_and_disagreement_match_brute_force(synthetic):
+@pytest.mark.parametrize("mode", ["fixups", "branch-free"])
+def test_diversity_and_disagreement_match_brute_force(synthetic, mode):
     logits, y, blocks = synthetic
-    scorer = _score(logits, y, blocks, np.full(3, 1 / 3))
+    scorer = _score(logits, y, blocks, np.full(3, 1 / 3), mode=mode)
     p = [softmax64(x) for x in logits]
     m = np.mean(p, axis=0)
     kl = 0.0

@@ -292,6 +292,25 @@ def test_deepspeed_zero_on_two_ranks(tmp_path, datasets_cache, solo, stage, plac
     assert {_training(out, i)["zero_stage"] for i in (0, 1)} == {stage}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [None, 2], ids=["ddp", "zero2"])
+def test_compiled_members_in_a_group_of_two_ranks(tmp_path, datasets_cache, solo, zero):
+    """train.compile=true (forced on CPU) under DDP and under DeepSpeed ZeRO-2, both ranks training
+    each member: the members equal their eager solo twins up to float rounding, and load."""
+    out = tmp_path / "run"
+    extra = {"parallel__deepspeed": str(REPO / "configs" / "deepspeed" / "zero2.json")} if zero else {}
+    proc, _ = _torchrun(
+        2, out, datasets_cache, members__seeds="[11, 12]", parallel__placement="sequential",
+        train__compile="true", **extra,
+    )  # fmt: skip
+    _ok(proc)
+    assert "torch.compile on (train.compile=True)" in proc.stderr
+    check_run(out, [[0, 1], [0, 1]], solo[8])
+    assert [(_training(out, i)["compiled"], _training(out, i)["zero_stage"]) for i in (0, 1)] == [
+        (True, zero)
+    ] * 2
+
+
 def _two_nodes(out: Path, cache: Path, **extra) -> list[subprocess.CompletedProcess]:
     """Two torchrun agents on this machine acting as two nodes of 2 processes each."""
     import socket

@@ -266,11 +266,42 @@ def test_signal_saves_a_checkpoint_exits_75_and_resumes_identically(
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"preempted: stopped by {sig.name}: member-0 checkpointed at step "), last
     step = int(last.split("at step ")[1].split()[0])
+    assert step % 10 == 0  # stops are agreed every checkpoint.stop_check_steps (10) steps only
     assert MemberCheckpoints.step_of(checkpoints(out, 0).latest()) == step
     assert "--resume auto" in last and "exit status 75" in last
     assert not (out / "members" / "member-0").exists() and not stray_temporaries(out)
     ok(train([*argv, "--resume", "auto"]))
     assert_same_members(long_baseline, out, range(2))
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled members
+
+
+def test_compiled_member_killed_then_resumed_is_bitwise_identical(tmp_path, datasets_cache, small_text):
+    """train.compile=true, forced on CPU: the compiled member (dropout, accumulation, epoch ends)
+    checkpoints, resumes after a SIGKILL bitwise equal to its uninterrupted twin, and is saved in
+    Hugging Face format (no `_orig_mod.` keys: it was compiled in place)."""
+    from transformers import AutoModelForCausalLM
+
+    common = {"members__seeds": "[42]", "train__compile": "true"}
+    ref = tmp_path / "ref"
+    ok(train(overrides(ref, datasets_cache, small_text, **common)))
+    out = tmp_path / "run"
+    argv = overrides(out, datasets_cache, small_text, **common)
+    killed(train(argv, f"kill:0:{2 * EVERY + 2}"))
+    assert MemberCheckpoints.step_of(checkpoints(out, 0).latest()) == 2 * EVERY
+    proc = train([*argv, "--resume", "auto"])
+    ok(proc)
+    assert "member-0 resumes from" in proc.stderr
+    assert "torch.compile on (train.compile=True)" in proc.stderr
+    assert "first optimizer step" in proc.stderr and "(torch.compile compiled the member)" in proc.stderr
+    assert_same_members(ref, out, [0])
+    info = json.loads((out / "members/member-0/member.json").read_text())["training"]
+    assert info["compiled"] is True and info["first_step_seconds"] > 0
+    w = load_file(out / "members/member-0/model.safetensors")
+    assert "transformer.wte.weight" in w and not [k for k in w if "_orig_mod" in k]
+    assert AutoModelForCausalLM.from_pretrained(out / "members/member-0").transformer.h[0] is not None
 
 
 # --------------------------------------------------------------------------------------------
