@@ -1,0 +1,76 @@
+"""The GPU benchmark runs on CPU at small sizes and reports every figure (its speed is not tested)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import PYTHON, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_gpu_benchmark_reports_every_figure_and_ratio(tmp_path, shared_data: Path):
+    out = tmp_path / "figures.json"
+    cmd = [PYTHON, "benchmarks/gpu.py", "--size", "small", "--steps", "2", "--members", "2", "--json", str(out),
+           "--text", str(shared_data / "tinyshakespeare.txt"), "--tokenizer", str(shared_data / "gpt2-tokenizer")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    figures = json.loads(out.read_text())
+    assert figures["size"] == "small" and figures["device"].startswith("CPU")
+
+    training = figures["training"]
+    assert set(training) == {"main", "tiny"}
+    for model, rows in training.items():
+        assert set(rows) == {"minimal, eager", "minimal, compiled", "ours"}
+        for loop, row in rows.items():
+            assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1, (model, loop)
+            assert (
+                f"| {model} | {loop} | {row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f}% |" in proc.stdout
+            )
+        assert rows["ours"]["windows"] >= 2  # steady-state windows, the start-up ones left out
+        assert rows["ours"]["compiled"] is False  # train.compile=auto: off on CPU
+
+    evaluation = figures["evaluation"]
+    assert set(evaluation) == {
+        "bare bf16 forward, 1 member",
+        "ours, 1 member",
+        "ours, 2 members",
+        "naive, 2 members",
+    }
+    tokens = evaluation["ours, 1 member"]["tokens"]
+    assert (
+        tokens > 0
+        and evaluation["ours, 2 members"]["tokens"]
+        == evaluation["bare bf16 forward, 1 member"]["tokens"]
+        == tokens
+    )
+    assert 0 < evaluation["naive, 2 members"]["tokens"] < tokens  # a smaller slice: it holds every logit
+    for label, row in evaluation.items():
+        assert f"| {label} | {row['tokens']:,} | {row['tokens_per_s']:,.0f} |" in proc.stdout
+
+    ratios = figures["ratios"]
+    expected = {
+        "training, main model: ours / minimal compiled": training["main"]["ours"]["tokens_per_s"]
+        / training["main"]["minimal, compiled"]["tokens_per_s"],
+        "evaluation: ours N members / (ours 1 member / N)": evaluation["ours, 2 members"]["tokens_per_s"]
+        / (evaluation["ours, 1 member"]["tokens_per_s"] / 2),
+        "evaluation: ours 1 member / bare bf16 forward": evaluation["ours, 1 member"]["tokens_per_s"]
+        / evaluation["bare bf16 forward, 1 member"]["tokens_per_s"],
+    }
+    for label, value in expected.items():
+        assert math.isclose(ratios[label], value, rel_tol=1e-9), label
+    printed = dict(re.findall(r"^- (.+?): (\d+\.\d\d) \(", proc.stdout, flags=re.M))
+    assert set(printed) == set(ratios)
+    for label, target in (
+        ("training, main model: ours / minimal compiled", 0.9),
+        ("evaluation: ours N members / (ours 1 member / N)", 0.9),
+        ("evaluation: ours 1 member / bare bf16 forward", 0.7),
+    ):
+        verdict = "met" if ratios[label] >= target else "NOT met"
+        assert f"- {label}: {ratios[label]:.2f} (target >= {target}: {verdict})" in proc.stdout
