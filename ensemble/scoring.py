@@ -92,6 +92,20 @@ class ChunkScores(NamedTuple):
     kl: list[torch.Tensor]  # per member: KL(p_i || mixture) at each position
 
 
+def _scaled_logits(i: int, logits: torch.Tensor, temperature: float, ws: Workspace | None) -> torch.Tensor:
+    """Member ``i``'s logits divided by its temperature, as float32: in its workspace buffer
+    (overwritten), or a new tensor without a workspace."""
+    z = ws.hold(i, logits) if ws is not None else logits.float()
+    if temperature != 1.0:
+        z = torch.div(z, temperature, out=z if ws is not None else None)
+    return z
+
+
+def _log_softmax(z: torch.Tensor, ws: Workspace | None) -> torch.Tensor:
+    """log_softmax over the vocabulary, in place when ``z`` is a workspace buffer."""
+    return torch.log_softmax(z, dim=-1, out=z if ws is not None else None)
+
+
 def chunk_scores(
     logits: list[torch.Tensor], targets: torch.Tensor, plan: ScorePlan, ws: Workspace | None
 ) -> ChunkScores:
@@ -110,12 +124,10 @@ def chunk_scores(
     logit_mean = Mean(buf("mean")) if n > 1 and "mean_logit" in plan.combiners else None
     logps = []
     for i, lg in enumerate(logits):
-        z = ws.hold(i, lg) if ws is not None else lg.float()
-        if plan.temperatures[i] != 1.0:
-            z = torch.div(z, plan.temperatures[i], out=z if ws is not None else None)
+        z = _scaled_logits(i, lg, plan.temperatures[i], ws)
         if logit_mean is not None:
             logit_mean.add(z)
-        logps.append(torch.log_softmax(z, dim=-1, out=z if ws is not None else None))
+        logps.append(_log_softmax(z, ws))
     if n == 1:
         return ChunkScores([stats(logps[0])[0]], {}, {}, [])
 
@@ -290,10 +302,6 @@ def log_probs_of_targets(
     are overwritten when they sit in ``ws``."""
     out = []
     for i, (lg, t) in enumerate(zip(logits, temperatures, strict=True)):
-        z = ws.hold(i, lg) if ws is not None else lg.float()
-        inplace = z if ws is not None else None
-        if float(t) != 1.0:
-            z = torch.div(z, float(t), out=inplace)
-        lp = torch.log_softmax(z, dim=-1, out=inplace)
+        lp = _log_softmax(_scaled_logits(i, lg, float(t), ws), ws)
         out.append(lp.gather(1, targets[:, None]).squeeze(1))
     return torch.stack(out, 1).double()

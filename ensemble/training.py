@@ -320,7 +320,7 @@ def _train_prepared(
             peak_source,
             "on" if compile_model else "off",
             t.compile,
-            mixed_precision,
+            mixed_precision if mixed_precision != "no" else "float32",
         )
         throughput = {"flops_per_token": flops, "peak_tflops": peak, "compiled": compile_model}
         checkpoint_info = {
