@@ -81,6 +81,8 @@ def minimal_loop(model_kwargs: dict, vocab: int, block: int, batch: int, steps: 
     """Tokens/s of the shortest correct training loop for this model and batch."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
+    from ensemble.compute import tf32
+
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=vocab, **model_kwargs)
     model = AutoModelForCausalLM.from_config(config).to(device).train()
@@ -88,7 +90,6 @@ def minimal_loop(model_kwargs: dict, vocab: int, block: int, batch: int, steps: 
         model.compile()
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda or None)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=_precision(device) == "bf16")
     n_batches = (len(tokens) - 1) // (block * batch)
     data = tokens[: n_batches * block * batch].view(n_batches, batch, block)
@@ -104,25 +105,26 @@ def minimal_loop(model_kwargs: dict, vocab: int, block: int, batch: int, steps: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for i in range(warmup):
-        step(i)
-    _sync(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        step(warmup + i)
-    _sync(device)
-    return steps * batch * block / (time.perf_counter() - start)
+    with tf32(True):
+        for i in range(warmup):
+            step(i)
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            step(warmup + i)
+        _sync(device)
+        return steps * batch * block / (time.perf_counter() - start)
 
 
 def ours_training(overrides: list[str], out: Path, members: int, device: torch.device) -> dict:
     """Train N members through the real entry point; steady-state tokens/s from TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    accelerate = Path(sys.executable).with_name("accelerate")
     launcher = "one-gpu" if device.type == "cuda" else "cpu"
     seeds = [42, 123, 456, 7, 8, 9, 10, 11][:members]
-    cmd = [
-        str(accelerate), "launch", "--config_file", f"configs/accelerate/{launcher}.yaml", "launch/train.py",
+    cmd = [  # `accelerate launch` of this interpreter (GPU images may keep console scripts elsewhere)
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/accelerate/{launcher}.yaml",
+        "launch/train.py",
         *overrides, f"members.seeds={seeds}", "checkpoint.every_steps=null", "checkpoint.at_epoch_end=false",
         "tracking.report_to=[tensorboard]", f"output.dir={out}", "--no-eval",
     ]  # fmt: skip
