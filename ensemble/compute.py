@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .distributed import on_cpu
-from .errors import EnsembleError
+from .errors import EnsembleError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +114,16 @@ def compile_failure(device_type: str) -> str | None:
         if not torch.allclose(compiled(x), probe(x)):
             return "a compiled probe computed a wrong value"
     except Exception as e:  # any failure of the toolchain: inductor raises many kinds
-        text = str(e).strip().splitlines()
-        return f"{type(e).__name__}: {text[0] if text else ''}".strip().rstrip(":")
+        return _what_failed(e)
     finally:
         torch._dynamo.reset()  # the probe's graph must not count against the model's cache
     return None
+
+
+def _what_failed(e: BaseException) -> str:
+    """`Type: first line of the message` (the type alone when there is no message)."""
+    line = first_line(e)
+    return line if line == type(e).__name__ else f"{type(e).__name__}: {line}"
 
 
 def resolve_compile(setting: bool | str, device: torch.device, key: str) -> bool:
@@ -152,13 +157,12 @@ class FirstCallFallback:
         self.eager = fn
         self.compiled: Callable[..., Any] | None = torch.compile(fn, **compile_kwargs)
         self.setting, self.key = setting, key
-        self.calls = 0
-        self.compile_seconds: float | None = None
+        self.compiled_once = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is None:
             return self.eager(*args, **kwargs)
-        if self.calls:
+        if self.compiled_once:
             return self.compiled(*args, **kwargs)
         started = time.perf_counter()
         try:
@@ -166,13 +170,11 @@ class FirstCallFallback:
         except Exception as e:
             if self.setting != "auto":
                 raise EnsembleError(
-                    f"{self.key}=true but compiling failed ({type(e).__name__}: "
-                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); set {self.key}=false"
+                    f"{self.key}=true but compiling failed ({_what_failed(e)}); set {self.key}=false"
                 ) from e
             logger.warning("%s=auto: compiling failed (%s); running eager", self.key, type(e).__name__)
             self.compiled = None
             return self.eager(*args, **kwargs)
-        self.calls += 1
-        self.compile_seconds = time.perf_counter() - started
-        logger.info("%s: compiled in %.1f s", self.key, self.compile_seconds)
+        self.compiled_once = True
+        logger.info("%s: compiled in %.1f s", self.key, time.perf_counter() - started)
         return out

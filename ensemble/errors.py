@@ -9,6 +9,13 @@ class EnsembleError(Exception):
     """A user-facing error: the message names the problem and the fix, on one line."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (for a one-line error), or its type's name when
+    the message is empty."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class ConfigError(EnsembleError):
     """The configuration is invalid (unknown key, wrong type, impossible value)."""
 

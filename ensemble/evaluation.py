@@ -39,7 +39,7 @@ from .combining import TEMPERATURE_GRID, fit_mixture_weights, refine_grid, tempe
 from .compute import FLOAT32, autocast, resolve_compile, resolve_eval_precision
 from .config import DataConfig, EvalConfig
 from .data import EvalBlocks, PreparedData, collate_eval, prepare_data
-from .errors import EnsembleError
+from .errors import EnsembleError, first_line
 from .members import context_length, read_member_info, verify_weights
 from .metrics import percentile_interval, reliability, row_result
 from .reporting import format_table, write_plots, write_results
@@ -88,9 +88,8 @@ def load_members(
                 verify_weights(path, info)
                 model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EnsembleError(
-                f"cannot load member {name} ({path}): {first}; re-train or remove it"
+                f"cannot load member {name} ({path}): {first_line(e)}; re-train or remove it"
             ) from None
         members.append(LoadedMember(path, name, info.get("seed"), tokenizer, config, model))
     _unique_names(members)

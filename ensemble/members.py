@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .config import ExperimentConfig, ModelConfig
-from .errors import EnsembleError
+from .errors import EnsembleError, first_line
 from .faults import inject
 from .files import atomic_directory, atomic_write_json, atomic_write_text, read_record
 from .hub import require_local_or_hub
@@ -74,7 +74,7 @@ def load_model_config(cfg: ModelConfig) -> Any:
         return AutoConfig.from_pretrained(cfg.name_or_path)
     except (OSError, ValueError) as e:
         raise EnsembleError(
-            f"cannot load model '{cfg.name_or_path}' ({_first_line(e)}); check model.name_or_path"
+            f"cannot load model '{cfg.name_or_path}' ({first_line(e)}); check model.name_or_path"
         ) from None
 
 
@@ -131,11 +131,6 @@ def build_model(cfg: ModelConfig, model_config: Any, seed: int) -> torch.nn.Modu
         else:
             model = AutoModelForCausalLM.from_config(model_config)
     return model
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,5 +355,5 @@ def load_member(
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise EnsembleError(f"cannot load member {path} ({_first_line(e)}); re-train or remove it") from None
+        raise EnsembleError(f"cannot load member {path} ({first_line(e)}); re-train or remove it") from None
     return model.to(device).eval(), tokenizer, info

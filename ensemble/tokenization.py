@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import BPE_TOKENIZER, BYTE_TOKENIZER, ModelConfig
-from .errors import EnsembleError
+from .errors import EnsembleError, first_line
 from .files import atomic_directory
 from .hub import require_local_or_hub
 
@@ -86,5 +86,6 @@ def load_pretrained_tokenizer(name: str | Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EnsembleError(f"cannot load tokenizer '{name}' ({first}); check model.tokenizer") from None
+        raise EnsembleError(
+            f"cannot load tokenizer '{name}' ({first_line(e)}); check model.tokenizer"
+        ) from None
