@@ -99,6 +99,7 @@ def worker(
 
     import torch
 
+    from ensemble.architecture import context_length
     from ensemble.config import DataConfig, EvalConfig
     from ensemble.data import prepare_data
     from ensemble.evaluation import evaluate_members, load_members
@@ -106,12 +107,12 @@ def worker(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_members([Path(m) for m in members], device)
     cfg = DataConfig(test_files=[data], txt_sample_by="paragraph")
-    block_size = min(m.config.n_positions for m in loaded)
+    block_size = min(context_length(m.config) for m in loaded)
     blocks = prepare_data(cfg, loaded[0].tokenizer, block_size, splits=("test",)).eval_blocks("test")
 
     def ours() -> int:
         eval_cfg = EvalConfig(per_device_batch_size=batch_size, combiners=combiners)
-        return int(evaluate_members(loaded, blocks, eval_cfg, device, show_progress=False).sums[0, 0])
+        return evaluate_members(loaded, blocks, eval_cfg, device, show_progress=False).tokens
 
     def naive() -> int:  # full logits of every member on the host, averaged at the end
         return naive_ensemble(loaded, blocks, batch_size, device)

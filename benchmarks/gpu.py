@@ -200,8 +200,8 @@ def evaluation(run: Path, text: Path, size: dict, device: torch.device) -> dict:
 
     def ours(which: list, compile_setting: bool | str = "auto"):
         cfg = EvalConfig(per_device_batch_size=eb, compile=compile_setting)
-        return lambda: int(
-            evaluate_members(which, blocks, cfg, device, fit_blocks=fit, show_progress=False).sums[0, 0]
+        return lambda: (
+            evaluate_members(which, blocks, cfg, device, fit_blocks=fit, show_progress=False).tokens
         )
 
     rows = {

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .config import ExperimentConfig
+from .config import DEFAULT_ARCHITECTURE, ExperimentConfig
 from .errors import EnsembleError, Preempted
 from .faults import inject
 from .files import TMP_MARK, atomic_write_json, fsync_tree, read_record
@@ -80,17 +80,29 @@ class Progress:
 
 def trajectory_config(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
     """The parts of the config that decide what a member becomes (model, data, training, its
-    seed), flattened to dotted keys: a checkpoint may only be resumed under the same values."""
+    seed), flattened to dotted keys: a checkpoint may only be resumed under the same values.
+
+    A model built from scratch is recorded by what it is, whichever keys gave it: a GPT-2 (from
+    `model.gpt2_config`, or `model.architecture: gpt2` with `model.config`) as
+    `model.gpt2_config`, the key checkpoints have always used; any other architecture as
+    `model.architecture` and `model.config`. Config fields stay one value each."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and not (prefix.endswith("gpt2_config") and value):
+        if isinstance(value, dict) and prefix not in ("model.gpt2_config", "model.config"):
             for k, v in value.items():
                 walk(f"{prefix}.{k}", v)
         elif prefix not in NEUTRAL_KEYS:
             flat[prefix] = value
 
     full = cfg.to_dict()
+    model = {k: v for k, v in full["model"].items() if k not in ("architecture", "config", "gpt2_config")}
+    if cfg.model.model_type == DEFAULT_ARCHITECTURE:
+        if cfg.model.scratch_fields:  # (an empty mapping was never recorded)
+            model["gpt2_config"] = cfg.model.scratch_fields
+    elif cfg.model.model_type:
+        model.update(architecture=cfg.model.model_type, config=cfg.model.scratch_fields)
+    full["model"] = model
     for section in ("model", "data", "train"):
         walk(section, full[section])
     flat["members.seed"] = seed

@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -179,7 +180,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
             print(spec.index, spec.seed, spec.name)
         return
     setup_logging()
-    from .training import train_run
+    from .run import train_run
 
     train_run(cfg, resume=args.resume, only=args.member, evaluate_after=not args.no_eval)
 
@@ -219,13 +220,33 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_items(args: argparse.Namespace) -> None:
-    """Positional arguments: overrides contain "=", anything else is the run directory."""
-    args.overrides = [i for i in args.items if "=" in i]
-    dirs = [i for i in args.items if "=" not in i]
-    if len(dirs) > 1:
-        raise EnsembleError(f"more than one run directory given ({', '.join(dirs)}); give one, or --members")
-    args.run_dir = dirs[0] if dirs else None
+# `section.key=value`: what an override looks like, as opposed to a path or a dataset name.
+OVERRIDE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
+
+
+def _is_override(item: str) -> bool:
+    return bool(OVERRIDE_RE.match(item)) and not Path(item).exists()
+
+
+def evaluate_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse an evaluate command line. Overrides may come before, between or after the options:
+    the ones that a list option (--data, --members) swallowed are taken back from it."""
+    args = evaluate_parser().parse_intermixed_args(argv)
+    swallowed = []
+    for option in ("data", "members"):
+        values = getattr(args, option)
+        if values:
+            swallowed += [v for v in values if _is_override(v)]
+            setattr(args, option, [v for v in values if not _is_override(v)] or None)
+    positional = [i for i in args.items if not _is_override(i)]
+    given = list(sys.argv[1:] if argv is None else argv)
+    args.overrides = sorted([i for i in args.items if _is_override(i)] + swallowed, key=given.index)
+    if len(positional) > 1:
+        raise EnsembleError(
+            f"more than one run directory given ({', '.join(positional)}); give one, or --members"
+        )
+    args.run_dir = positional[0] if positional else None
+    return args
 
 
 def _slug(text: str) -> str:
@@ -300,8 +321,7 @@ def resolve_evaluation(
 def evaluate_main(argv: Sequence[str] | None = None) -> None:
     """Evaluate in one process, or sharded over the processes of a launcher (torchrun,
     `accelerate launch`)."""
-    args = evaluate_parser().parse_args(argv)
-    split_items(args)
+    args = evaluate_args(argv)
     member_paths, cfg, run_cfg, split, out = resolve_evaluation(args)
     setup_logging()
     from .distributed import Worlds, launch_info, local_device
@@ -321,5 +341,30 @@ def evaluate_main(argv: Sequence[str] | None = None) -> None:
             fit_data_cfg=run_cfg.data if run_cfg else None,
             main_first=worlds.main_first,
         )
+        worlds.wait_all("finished")  # the ranks leave together (see Worlds.close)
     finally:
         worlds.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Process exit
+
+
+def exit_with(code: int) -> NoReturn:
+    """End the process of an entry script with ``code``. A process of a multi-process launch
+    leaves through `distributed.leave`, without tearing the interpreter down (see there)."""
+    from .distributed import launch_info, leave
+
+    if launch_info().distributed:
+        leave(code)
+    sys.exit(code)
+
+
+def train_entry() -> NoReturn:
+    """`launch/train.py` and the `ensemble-train` command."""
+    exit_with(train_main())
+
+
+def evaluate_entry() -> NoReturn:
+    """`launch/evaluate.py` and the `ensemble-evaluate` command."""
+    exit_with(evaluate_main())

@@ -1,6 +1,8 @@
 """Combining members' next-token distributions into the ensemble's.
 
-Combiners, all computed from the same forward passes:
+Every combiner is registered once, in :data:`COMBINERS` (name, table label, what it averages,
+whether it needs fitted weights); config validation, the scorer and the report all read it, so
+adding one touches this file only. All are computed from the same forward passes:
 - ``mean_prob``: the mixture, mean_i p_i (the headline), in log space: logsumexp_i log p_i - log N.
 - ``mean_logit``: softmax of the mean of the members' logits (the reference tutorial's
   `sum(outputs) / 3`).
@@ -18,11 +20,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
-COMBINERS = ("mean_prob", "mean_logit", "geometric", "weighted")
 TEMPERATURE_GRID = np.exp(np.linspace(math.log(0.25), math.log(4.0), 25))
 
 
@@ -48,6 +51,10 @@ class MeanProb:
             torch.logaddexp(self._acc, logp, out=self._acc)
         self._n += 1
 
+    def result(self) -> torch.Tensor:
+        """The mixture's log-probabilities, in the accumulator (no member is added afterwards)."""
+        return self.logprobs(out=self._acc)
+
     def logprobs(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The mixture's log-probabilities (into ``out``, which may be the accumulator itself
         once no member is to be added)."""
@@ -68,7 +75,7 @@ class Mean:
         self._out = out
         self._n = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, tmp: torch.Tensor | None = None) -> None:
         if self._total is None:
             self._total = x.clone() if self._out is None else self._out.copy_(x)
         else:
@@ -81,6 +88,71 @@ class Mean:
             raise ValueError("nothing was added")
         mean = self._total.div_(self._n)
         return torch.log_softmax(mean, dim=-1, out=mean if self._out is not None else None)
+
+    result = log_softmax
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+
+
+class Accumulator(Protocol):
+    """One combination over one chunk: members added one at a time, then its log-probabilities."""
+
+    def add(self, x: torch.Tensor, tmp: torch.Tensor | None = None) -> None: ...
+
+    def result(self) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Combiner:
+    """An ensemble combination, as the scorer, the config and the report see it."""
+
+    name: str
+    label: str
+    """Its row in results.md."""
+    reads: Literal["logprobs", "logits"]
+    """What it is fed per member: log-probabilities, or logits (after temperature scaling)."""
+    start: Callable[[torch.Tensor | None, np.ndarray | None], Accumulator]
+    """A fresh accumulator, given an [n, vocab] buffer to accumulate in (or None) and the fitted
+    log-weights (or None when it is not fitted)."""
+    fitted: bool = False
+    """Needs mixture weights fitted on eval.fit_split (so at least 2 members)."""
+
+
+HEADLINE = "mean_prob"  # the ensemble of the report: always computed, the diversity's reference
+COMBINERS: dict[str, Combiner] = {}
+
+
+def register_combiner(combiner: Combiner) -> Combiner:
+    """Add a combiner (tests and extensions); its name becomes valid in eval.combiners."""
+    COMBINERS[combiner.name] = combiner
+    return combiner
+
+
+for _c in (
+    Combiner(HEADLINE, "**Ensemble** (mean probability)", "logprobs", lambda out, _: MeanProb(out=out)),
+    Combiner("mean_logit", "Ensemble (mean logit)", "logits", lambda out, _: Mean(out)),
+    Combiner("geometric", "Ensemble (geometric mean)", "logprobs", lambda out, _: Mean(out)),
+    Combiner(
+        "weighted",
+        "Ensemble (fitted weights)",
+        "logprobs",
+        lambda out, log_w: MeanProb(log_weights=log_w, out=out),
+        fitted=True,
+    ),  # fmt: skip
+):
+    register_combiner(_c)
+
+
+def usable_combiners(names: list[str], members: int) -> list[str]:
+    """The combiners that apply to ``members`` members (fitted ones need two or more)."""
+    return [c for c in names if members > 1 or not COMBINERS[c].fitted]
+
+
+def needs_fitting(names: list[str], members: int) -> bool:
+    """Whether any of ``names`` needs mixture weights fitted, for this many members."""
+    return members > 1 and any(COMBINERS[c].fitted for c in names)
 
 
 def fit_mixture_weights(

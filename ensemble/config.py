@@ -25,17 +25,28 @@ from .errors import ConfigError
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
 BYTE_TOKENIZER = "byte"
 BPE_TOKENIZER = "bpe"
+DEFAULT_ARCHITECTURE = "gpt2"  # of a model built from scratch without model.architecture
 
 
 @dataclass
 class ModelConfig:
     name_or_path: str | None = None
     """Pretrained causal LM to fine-tune: a Hub name (`gpt2`) or a local directory saved with
-    `save_pretrained`. Leave empty to build a new GPT-2 from `gpt2_config`."""
+    `save_pretrained`. Leave empty to build a new model from `architecture` and `config`."""
+
+    architecture: str | None = None
+    """Architecture of a model built from scratch: a transformers model type of a causal LM
+    (`gpt2`, `llama`, `gpt_neox`, `qwen2`, `mistral`, ...), built with `AutoConfig.for_model`.
+    Empty: `gpt2`."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    """Fields of that architecture's config for a model built from scratch (for `llama`:
+    hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
+    max_position_embeddings...). vocab_size and the special token ids are taken from the tokenizer."""
 
     gpt2_config: dict[str, Any] = field(default_factory=dict)
-    """`GPT2Config` fields for a model built from scratch (n_layer, n_embd, n_head, n_positions,
-    dropout...). vocab_size and the special token ids are taken from the tokenizer."""
+    """`GPT2Config` fields (n_layer, n_embd, n_head, n_positions, dropout...): the same as
+    `architecture: gpt2` with these as `config` (kept for existing configs)."""
 
     tokenizer: str | None = None
     """Tokenizer: a Hub name or local directory; `bpe` to train a GPT-2-style byte-level BPE on
@@ -45,31 +56,64 @@ class ModelConfig:
     tokenizer_vocab_size: int = 2048
     """Vocabulary size of a `bpe` tokenizer (including its 256 byte symbols and EOS)."""
 
+    @property
+    def model_type(self) -> str | None:
+        """The architecture built from scratch (None for a pretrained model)."""
+        return None if self.name_or_path else (self.architecture or DEFAULT_ARCHITECTURE)
+
+    @property
+    def scratch_fields(self) -> dict[str, Any]:
+        """The config fields of a model built from scratch, whichever key gave them."""
+        return dict(self.gpt2_config or self.config)
+
     def validate(self) -> None:
-        if self.name_or_path and self.gpt2_config:
+        if self.name_or_path and (self.gpt2_config or self.config or self.architecture):
+            given = (
+                "model.gpt2_config"
+                if self.gpt2_config
+                else ("model.config" if self.config else "model.architecture")
+            )
             raise ConfigError(
-                "model.name_or_path and model.gpt2_config are both set; set name_or_path to "
-                "fine-tune a pretrained model or gpt2_config to build one from scratch, not both"
+                f"model.name_or_path and {given} are both set; set name_or_path to fine-tune a "
+                "pretrained model, or architecture and config to build one from scratch, not both"
+            )
+        if self.gpt2_config and self.config:
+            raise ConfigError(
+                "model.gpt2_config and model.config are both set; move the fields into model.config "
+                "(with model.architecture=gpt2)"
+            )
+        if self.gpt2_config and self.architecture not in (None, DEFAULT_ARCHITECTURE):
+            raise ConfigError(
+                f"model.gpt2_config describes a GPT-2 but model.architecture={self.architecture}; "
+                "put the fields in model.config instead"
             )
         if not self.name_or_path and not self.tokenizer:
             raise ConfigError(
-                "model.tokenizer is required when building a model from model.gpt2_config; "
-                "set it to a Hub name, a local directory or `byte`"
+                "model.tokenizer is required when building a model from scratch; "
+                "set it to a Hub name, a local directory, `bpe` or `byte`"
             )
         if self.tokenizer_vocab_size < 258:
             raise ConfigError(
                 f"model.tokenizer_vocab_size={self.tokenizer_vocab_size} must be at least 258 "
                 "(256 bytes, EOS and one merge)"
             )
-        if not self.name_or_path:
-            from transformers import GPT2Config
+        if self.model_type:
+            from .architecture import causal_lm_types, config_fields
 
-            known = set(GPT2Config().to_dict())
-            for key in self.gpt2_config:
-                if key not in known:
+            known_types = causal_lm_types()
+            if self.model_type not in known_types:
+                raise ConfigError(
+                    f"model.architecture={self.model_type} is not a causal-LM architecture of this "
+                    f"transformers{_did_you_mean(self.model_type, known_types)}; use a model type such as "
+                    "gpt2, llama, gpt_neox, qwen2 or mistral"
+                )
+            key = "gpt2_config" if self.gpt2_config else "config"
+            config_class, known = config_fields(self.model_type)
+            for name in self.scratch_fields:
+                if name not in known:
                     raise ConfigError(
-                        f"unknown GPT2Config field model.gpt2_config.{key}"
-                        f"{_did_you_mean(key, known)}; see transformers' GPT2Config for the fields"
+                        f"unknown {config_class} field model.{key}.{name}{_did_you_mean(name, known)}; "
+                        f"see transformers' {config_class} for the fields"
                     )
 
 
@@ -337,11 +381,10 @@ class EvalConfig:
     multiple of the number of members), each holding only its member; groups see the same
     batches and exchange the members' distributions."""
 
-    combiners: list[Literal["mean_prob", "mean_logit", "geometric", "weighted"]] = field(
-        default_factory=lambda: ["mean_prob", "mean_logit", "geometric", "weighted"]
-    )
-    """Ensemble combinations to report, all from the same forward passes. `mean_prob` (the
-    mixture of the members' probabilities) is always computed: it is the headline."""
+    combiners: list[str] = field(default_factory=lambda: ["mean_prob", "mean_logit", "geometric", "weighted"])
+    """Ensemble combinations to report, all from the same forward passes (the registered
+    combiners: `mean_prob`, `mean_logit`, `geometric`, `weighted`; see ensemble/combining.py).
+    `mean_prob` (the mixture of the members' probabilities) is always computed: it is the headline."""
 
     temperature_scaling: bool = False
     """Fit one temperature per member on the validation split (minimising its NLL) and divide
@@ -379,8 +422,16 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name}={getattr(self, name)} must be at least 1")
         if self.bootstrap_samples < 0:
             raise ConfigError(f"eval.bootstrap_samples={self.bootstrap_samples} must be >= 0")
-        if "mean_prob" not in self.combiners:
-            self.combiners = ["mean_prob", *self.combiners]
+        from .combining import COMBINERS, HEADLINE
+
+        for name in self.combiners:
+            if name not in COMBINERS:
+                raise ConfigError(
+                    f"eval.combiners: unknown combiner {name!r}{_did_you_mean(name, COMBINERS)}; "
+                    f"the registered ones are {', '.join(COMBINERS)}"
+                )
+        if HEADLINE not in self.combiners:
+            self.combiners = [HEADLINE, *self.combiners]
         if len(set(self.combiners)) != len(self.combiners):
             raise ConfigError(f"eval.combiners={self.combiners} lists a combiner twice")
 

@@ -15,11 +15,12 @@ import contextlib
 import datetime as dt
 import functools
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -249,8 +250,34 @@ class Worlds:
             self._client.set(key, "1")
 
     def close(self) -> None:
+        """Stop the heartbeat and destroy the process groups. On success the ranks first meet in
+        `wait_all` (through the store, not gloo), so that none closes its connections while
+        another still uses them."""
         import torch.distributed as dist
 
         self._stop_heartbeat()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def leave(code: int) -> NoReturn:
+    """End a process of a multi-process launch: run the exit handlers (trackers, logging, our
+    heartbeat's), flush, and exit without interpreter finalization.
+
+    Why: gloo's C++ threads outlive `destroy_process_group` here. DDP keeps a reference to its
+    ProcessGroupGloo that nothing in Python can release (a DDP wrapper built, freed and collected,
+    then `destroy_process_group()`, still leaves `gloo_tcp_loop` and two `pt_gloo_runloop` threads
+    in /proc/self/task). A C++ thread that touches a Python object while the interpreter is being
+    finalized (a tensor's last reference dropped by a worker: the GIL it then takes belongs to a
+    dying interpreter) makes glibc unwind it with pthread_exit, and C++ answers with
+    `terminate called without an active exception` and SIGABRT, after the run's work is done
+    (pytorch/pytorch#179291 and #190489 describe the same teardown race). Skipping finalization
+    removes the race; the operating system reclaims the rest."""
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

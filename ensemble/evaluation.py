@@ -35,13 +35,23 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from .combining import TEMPERATURE_GRID, fit_mixture_weights, refine_grid, temperature_nll_sums
+from .architecture import context_length
+from .combining import (
+    COMBINERS,
+    HEADLINE,
+    TEMPERATURE_GRID,
+    fit_mixture_weights,
+    needs_fitting,
+    refine_grid,
+    temperature_nll_sums,
+    usable_combiners,
+)
 from .compute import FLOAT32, autocast, resolve_compile, resolve_eval_precision
 from .config import DataConfig, EvalConfig
 from .data import EvalBlocks, PreparedData, collate_eval, prepare_data
 from .errors import EnsembleError, first_line
-from .members import context_length, read_member_info, verify_weights
-from .metrics import percentile_interval, reliability, row_result
+from .members import read_member_info, verify_weights
+from .metrics import BOOT, BOOTSTRAPPED, SUMS, percentile_interval, reliability, row_result
 from .reporting import format_table, write_plots, write_results
 from .scoring import Scorer, Workspace, log_probs_of_targets
 
@@ -357,7 +367,7 @@ def _fit(
             if round_ == 0:
                 grids = [refine_grid(grids[i], best[i], len(TEMPERATURE_GRID)) for i in range(n)]
     weights = None
-    if "weighted" in cfg.combiners and n > 1:
+    if needs_fitting(cfg.combiners, n):
         target_logp = []
         with torch.inference_mode():
             for targets, _, logits in chunks():
@@ -400,9 +410,9 @@ def evaluate_members(
         precision,
     )  # fmt: skip
     n = len(members)
-    combiners = [c for c in cfg.combiners if c != "weighted" or n > 1]
+    combiners = usable_combiners(cfg.combiners, n)
     temperatures, weights = np.ones(n), None
-    if cfg.temperature_scaling or (n > 1 and "weighted" in combiners):
+    if cfg.temperature_scaling or needs_fitting(combiners, n):
         if fit_blocks is None:
             raise EnsembleError("fitting weights or temperatures needs a validation split; none was given")
         temperatures, weights = _fit(stream, fit_blocks, cfg, None if compiled else Workspace(device))
@@ -428,7 +438,7 @@ def evaluate_members(
                 scorer.end_batch(first)
     scorer.unpack(collectives.allreduce_sum(scorer.pack()))  # the one all-reduce of the sums
     expected = blocks.num_predictions
-    tokens = int(scorer.sums[0, 0])
+    tokens = scorer.tokens
     if tokens != expected:  # a cheap guard on the protocol and the sharding
         raise RuntimeError(f"scored {tokens} positions, expected {expected}")
     return scorer
@@ -462,12 +472,14 @@ def results_dict(
     ]
     combiner_rows = {c: with_ci(c if n > 1 else members[0].name) for c in scorer.combiners}
     if scorer.weights is not None:
-        combiner_rows["weighted"]["weights"] = [float(w) for w in scorer.weights]
+        for c in scorer.combiners:
+            if COMBINERS[c].fitted:
+                combiner_rows[c]["weights"] = [float(w) for w in scorer.weights]
     curve = [{"k": 1, **_curve_point(rows[members[0].name])}]
     curve += [{"k": k, **_curve_point(rows[f"first-{k}"])} for k in range(2, n)]
     if n > 1:
-        curve.append({"k": n, **_curve_point(rows["mean_prob"])})
-    tokens = rows["mean_prob"]["tokens"]
+        curve.append({"k": n, **_curve_point(rows[HEADLINE])})
+    tokens = rows[HEADLINE]["tokens"]
     mean_member_nll = float(np.mean([rows[m.name]["nll"] for m in members]))
     results: dict[str, Any] = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -492,11 +504,11 @@ def results_dict(
             },
         },  # fmt: skip
         "members": member_rows,
-        "ensemble": {"combiner": "mean_prob", "members": n, **combiner_rows["mean_prob"]},
+        "ensemble": {"combiner": HEADLINE, "members": n, **combiner_rows[HEADLINE]},
         "combiners": combiner_rows,
         "curve": curve,
         "diversity": {
-            "nll_gap": mean_member_nll - rows["mean_prob"]["nll"],
+            "nll_gap": mean_member_nll - rows[HEADLINE]["nll"],
             "mean_kl_to_mixture": float(scorer.kl[0] / tokens) if n > 1 else 0.0,
             "disagreement": {
                 "pairs": [
@@ -514,7 +526,7 @@ def results_dict(
             "bins": 15,
             "rows": {
                 name: reliability(scorer.sums[scorer.index[name]])
-                for name in [*(m.name for m in members)] + (["mean_prob"] if n > 1 else [])
+                for name in [*(m.name for m in members)] + ([HEADLINE] if n > 1 else [])
             },
         },  # fmt: skip
     }
@@ -527,18 +539,20 @@ def _curve_point(row: dict[str, Any]) -> dict[str, Any]:
 
 def _bootstrap(scorer: Scorer, n: int) -> dict[str, Any]:
     """95% intervals of accuracy and NLL for every row, and of the gains (under "gain:*")."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        acc = scorer.boot[:, :, 0] / scorer.boot_tokens[:, None]
-        nll = scorer.boot[:, :, 1] / scorer.boot_tokens[:, None]
     keep = scorer.boot_tokens > 0
-    acc, nll = acc[keep], nll[keep]
-    out = {name: {"accuracy": percentile_interval(acc[:, r]), "nll": percentile_interval(nll[:, r])}
+    with np.errstate(divide="ignore", invalid="ignore"):  # [replicates, rows] per metric
+        means = {
+            metric: (scorer.boot[:, :, BOOT[value]] / scorer.boot_tokens[:, None])[keep]
+            for metric, value in BOOTSTRAPPED.items()
+        }
+    out = {name: {metric: percentile_interval(m[:, r]) for metric, m in means.items()}
            for name, r in scorer.index.items()}  # fmt: skip
     if n > 1:
+        acc, nll = means["accuracy"], means["nll"]
         members = list(range(n))
-        point_nll = scorer.sums[members, 3] / scorer.sums[members, 0]
-        point_acc = scorer.sums[members, 1] / scorer.sums[members, 0]
-        ens = scorer.index["mean_prob"]
+        point_nll = scorer.sums[members, SUMS.nll] / scorer.sums[members, SUMS.tokens]
+        point_acc = scorer.sums[members, SUMS.correct] / scorer.sums[members, SUMS.tokens]
+        ens = scorer.index[HEADLINE]
         best_nll, best_acc = int(np.argmin(point_nll)), int(np.argmax(point_acc))
         out["gain:best"] = {
             "nll": percentile_interval(nll[:, ens] - nll[:, best_nll]),
@@ -552,11 +566,11 @@ def _bootstrap(scorer: Scorer, n: int) -> dict[str, Any]:
 
 
 def _gain(rows: dict[str, Any], members: list[LoadedMember], boot: dict[str, Any]) -> dict[str, Any]:
-    """Ensemble (mean_prob) minus the best member and minus the average member."""
+    """Ensemble (the headline combiner) minus the best member and minus the average member."""
     if len(members) == 1:
         return {}
     names = [m.name for m in members]
-    ens = rows["mean_prob"]
+    ens = rows[HEADLINE]
     best_nll = min(names, key=lambda m: rows[m]["nll"])
     best_acc = max(names, key=lambda m: rows[m]["accuracy"])
     out = {
@@ -614,7 +628,7 @@ def evaluate(
     sharding = Sharding(eval_cfg.mode, rank, world, n)
     members = load_members(member_paths, device, hold=sharding.members_held)
     block_size = data_cfg.block_size or min(context_length(m.config) for m in members)
-    needs_fit = eval_cfg.temperature_scaling or ("weighted" in eval_cfg.combiners and n > 1)
+    needs_fit = eval_cfg.temperature_scaling or needs_fitting(eval_cfg.combiners, n)
     fit_split = eval_cfg.fit_split
 
     def load(cfg: DataConfig, which: str) -> PreparedData:

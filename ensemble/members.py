@@ -18,7 +18,6 @@ import datetime as dt
 import hashlib
 import json
 import math
-import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,13 @@ from typing import Any
 
 import torch
 
+from .architecture import build_config
 from .config import ExperimentConfig, ModelConfig
 from .errors import EnsembleError, first_line
 from .faults import inject
 from .files import atomic_directory, atomic_write_json, atomic_write_text, read_record
 from .hub import require_local_or_hub
+from .provenance import environment, library_versions
 
 MEMBER_INFO = "member.json"
 MEMBER_DIR_RE = re.compile(r"^member-(\d+)$")
@@ -59,10 +60,10 @@ def member_specs(cfg: ExperimentConfig) -> list[MemberSpec]:
 def load_model_config(cfg: ModelConfig) -> Any:
     """The model's `PretrainedConfig` without weights (cheap; used for early checks). Built from
     scratch, its vocabulary is set later from the tokenizer by :func:`fit_model_config`."""
-    from transformers import AutoConfig, GPT2Config
+    from transformers import AutoConfig
 
-    if not cfg.name_or_path:
-        return GPT2Config(**cfg.gpt2_config)
+    if cfg.model_type:
+        return build_config(cfg.model_type, cfg.scratch_fields)
     require_local_or_hub(
         "model",
         "model.name_or_path",
@@ -80,40 +81,21 @@ def load_model_config(cfg: ModelConfig) -> Any:
 
 def fit_model_config(cfg: ModelConfig, model_config: Any, tokenizer: Any) -> Any:
     """Match the model's vocabulary and special ids to the tokenizer."""
-    if cfg.name_or_path:
+    if not cfg.model_type:
         if len(tokenizer) > model_config.vocab_size:
             raise EnsembleError(
                 f"the tokenizer has {len(tokenizer)} tokens but model '{cfg.name_or_path}' only "
                 f"{model_config.vocab_size} embeddings; use the model's own tokenizer"
             )
         return model_config
-    from transformers import GPT2Config
-
     eos = tokenizer.eos_token_id
-    fields = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
-    fields.update(cfg.gpt2_config)
-    return GPT2Config(vocab_size=len(tokenizer), **fields)
-
-
-def context_length(model_config: Any) -> int:
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(model_config, name, None)
-        if value:
-            return int(value)
-    raise EnsembleError("cannot tell the model's context length; set data.block_size explicitly")
-
-
-def count_parameters(model_config: Any, position_embeddings: bool = True) -> int:
-    """Parameters of the model a config describes, counted without allocating them (a tied
-    embedding once)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    return sum(
-        p.numel()
-        for name, p in model.named_parameters()
-        if position_embeddings or not ("wpe" in name or "position" in name)
+    return build_config(
+        cfg.model_type,
+        cfg.scratch_fields,  # the config's own values win over these defaults
+        vocab_size=len(tokenizer),
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
     )
 
 
@@ -126,7 +108,7 @@ def build_model(cfg: ModelConfig, model_config: Any, seed: int) -> torch.nn.Modu
     # random stream of the next.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if cfg.name_or_path:
+        if not cfg.model_type:
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=model_config)
         else:
             model = AutoModelForCausalLM.from_config(model_config)
@@ -170,25 +152,6 @@ class RunPaths:
         return self.root / "run_id"
 
 
-def library_versions() -> dict[str, str]:
-    import accelerate
-    import datasets
-    import numpy
-    import transformers
-
-    from . import __version__
-
-    return {
-        "ensemble": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "datasets": datasets.__version__,
-        "numpy": numpy.__version__,
-    }
-
-
 def write_manifest(
     paths: RunPaths,
     specs: list[MemberSpec],
@@ -221,6 +184,7 @@ def write_manifest(
             "members": members,
             "data_fingerprint": data_fingerprint,
             "versions": library_versions(),
+            "environment": environment(),
             **(extra or {}),
         },
     )

@@ -23,9 +23,40 @@ import torch
 
 TOPK = 5
 ECE_BINS = 15
-# Sums kept per row, in this order, then the 3 x ECE_BINS bin sums.
-SUMS = ("tokens", "correct", "correct_top5", "nll", "brier")
-SIZE = len(SUMS) + 3 * ECE_BINS
+
+
+class Layout:
+    """Named places in a flat vector, from one declaration of names and sizes: a name of size 1
+    is an index, a longer one a slice (``sums[..., SUMS.nll]``, ``sums[..., SUMS.ece_count]``).
+    Adding a quantity is one more keyword; nothing is addressed by a bare number."""
+
+    def __init__(self, **sizes: int):
+        start = 0
+        for name, size in sizes.items():
+            setattr(self, name, start if size == 1 else slice(start, start + size))
+            start += size
+        self.names = tuple(sizes)
+        self.size = start
+
+    def __getitem__(self, name: str) -> int | slice:
+        return getattr(self, name)
+
+
+# The sums kept per row (a member or a combination).
+SUMS = Layout(
+    tokens=1,
+    correct=1,  # top-1
+    correct_top5=1,
+    nll=1,
+    brier=1,
+    ece_count=ECE_BINS,  # tokens per bin of top-1 confidence
+    ece_confidence=ECE_BINS,  # sum of the top-1 probability per bin
+    ece_correct=ECE_BINS,  # top-1 hits per bin
+)
+SIZE = SUMS.size
+# Per-position values summed per block for the bootstrap, and the metric each one's mean is.
+BOOT = Layout(correct=1, nll=1)
+BOOTSTRAPPED = {"accuracy": "correct", "nll": "nll"}
 
 
 class PositionStats(NamedTuple):
@@ -103,16 +134,23 @@ def add_row(sums: torch.Tensor, s: PositionStats) -> torch.Tensor:
     confidence = s.best.double().exp()
     bins = (confidence * ECE_BINS).long().clamp(max=ECE_BINS - 1)
     correct = s.correct.double()
-    sums[0] += len(target_logp)
-    sums[1] += correct.sum()
-    sums[2] += s.in_top5.sum()
-    sums[3] -= target_logp.sum()
-    sums[4] += brier.sum()
-    base = len(SUMS)
-    for offset, values in enumerate((torch.ones_like(confidence), confidence, correct)):
-        start = base + offset * ECE_BINS
-        sums[start : start + ECE_BINS] += torch.zeros_like(sums[:ECE_BINS]).index_add_(0, bins, values)
-    return torch.stack([correct, -target_logp], dim=1)
+    sums[SUMS.tokens] += len(target_logp)
+    sums[SUMS.correct] += correct.sum()
+    sums[SUMS.correct_top5] += s.in_top5.sum()
+    sums[SUMS.nll] -= target_logp.sum()
+    sums[SUMS.brier] += brier.sum()
+    for name, values in (
+        ("ece_count", torch.ones_like(confidence)),
+        ("ece_confidence", confidence),
+        ("ece_correct", correct),
+    ):
+        sums[SUMS[name]] += torch.zeros_like(sums[SUMS[name]]).index_add_(0, bins, values)
+    return per_position(correct=correct, nll=-target_logp)
+
+
+def per_position(**values: torch.Tensor) -> torch.Tensor:
+    """[positions, BOOT.size]: the per-position values the bootstrap needs, in :data:`BOOT`'s order."""
+    return torch.stack([values[name] for name in BOOT.names], dim=1)
 
 
 def light_stats(logp: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,39 +163,34 @@ def add_light(sums: torch.Tensor, correct: torch.Tensor, target_logp: torch.Tens
     """Add :func:`light_stats` to a row's tokens, top-1 and NLL sums. Returns per-position
     [correct, nll] as float64, like :func:`add_row`."""
     correct, target_logp = correct.double(), target_logp.double()
-    sums[0] += len(target_logp)
-    sums[1] += correct.sum()
-    sums[3] -= target_logp.sum()
-    return torch.stack([correct, -target_logp], dim=1)
+    sums[SUMS.tokens] += len(target_logp)
+    sums[SUMS.correct] += correct.sum()
+    sums[SUMS.nll] -= target_logp.sum()
+    return per_position(correct=correct, nll=-target_logp)
 
 
 def row_result(sums: np.ndarray) -> dict[str, float | int]:
     """The metrics of one row from its sums."""
-    tokens = sums[0]
+    tokens = sums[SUMS.tokens]
     if tokens == 0:
         raise ValueError("no predicted positions were evaluated")
-    nll = sums[3] / tokens
-    base = len(SUMS)
-    conf = sums[base + ECE_BINS : base + 2 * ECE_BINS]
-    corr = sums[base + 2 * ECE_BINS :]
-    ece = float(np.sum(np.abs(corr - conf)) / tokens)  # sum_b n_b/N |acc_b - conf_b|
+    nll = sums[SUMS.nll] / tokens
+    # sum_b n_b/N |acc_b - conf_b|
+    ece = float(np.sum(np.abs(sums[SUMS.ece_correct] - sums[SUMS.ece_confidence])) / tokens)
     return {
-        "accuracy": sums[1] / tokens,
-        "top5_accuracy": sums[2] / tokens,
+        "accuracy": sums[SUMS.correct] / tokens,
+        "top5_accuracy": sums[SUMS.correct_top5] / tokens,
         "nll": nll,
         "perplexity": math.exp(nll) if nll < 700 else math.inf,
         "ece": ece,
-        "brier": sums[4] / tokens,
+        "brier": sums[SUMS.brier] / tokens,
         "tokens": int(tokens),
     }
 
 
 def reliability(sums: np.ndarray) -> dict[str, list]:
     """Per-bin token counts, mean confidence and accuracy (None for empty bins)."""
-    base = len(SUMS)
-    counts = sums[base : base + ECE_BINS]
-    conf = sums[base + ECE_BINS : base + 2 * ECE_BINS]
-    corr = sums[base + 2 * ECE_BINS :]
+    counts, conf, corr = sums[SUMS.ece_count], sums[SUMS.ece_confidence], sums[SUMS.ece_correct]
     return {
         "count": [int(c) for c in counts],
         "confidence": [float(cf / c) if c else None for cf, c in zip(conf, counts, strict=True)],

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .architecture import model_shape
 from .config import ParallelConfig
 from .errors import EnsembleError
 
@@ -151,9 +152,8 @@ def estimate_bytes_per_device(
     34·C + 5·h·T bytes at 16 bit, doubled in fp32; plus the logits and their gradient in fp32.
     """
     states = {0: 16.0, 1: 4 + 12.0 / group_size, 2: 4 + 12.0 / group_size, 3: 16.0 / group_size}[zero_stage]
-    c = getattr(model_config, "n_embd", None) or getattr(model_config, "hidden_size", 0)
-    layers = getattr(model_config, "n_layer", None) or getattr(model_config, "num_hidden_layers", 0)
-    heads = getattr(model_config, "n_head", None) or getattr(model_config, "num_attention_heads", 1)
+    shape = model_shape(model_config)
+    c, layers, heads = shape.width, shape.layers, shape.heads
     scale = 1 if mixed_precision else 2
     activations = batch_size * block_size * layers * (34 * c + 5 * heads * block_size) * scale
     logits = batch_size * block_size * model_config.vocab_size * 4 * 2

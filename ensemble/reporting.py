@@ -6,19 +6,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .combining import COMBINERS, HEADLINE
 from .files import atomic_write_json, atomic_write_text, tmp_name
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 SIZE_PLOT = "ensemble_size.png"
 RELIABILITY_PLOT = "reliability.png"
-
-COMBINER_LABELS = {
-    "mean_prob": "**Ensemble** (mean probability)",
-    "mean_logit": "Ensemble (mean logit)",
-    "geometric": "Ensemble (geometric mean)",
-    "weighted": "Ensemble (fitted weights)",
-}
 
 
 def _ci(row: dict[str, Any], key: str, digits: int) -> str:
@@ -54,8 +48,8 @@ def format_table(results: dict[str, Any]) -> str:
         temp = f", T={m['temperature']:.3g}" if m.get("temperature", 1.0) != 1.0 else ""
         lines.append(_row(f"{m['name']}{seed}{temp}", m))
     for name, row in results["combiners"].items():
-        label = COMBINER_LABELS.get(name, name)
-        if name == "weighted" and "weights" in row:
+        label = COMBINERS[name].label if name in COMBINERS else name
+        if "weights" in row:
             label += " w=" + ",".join(f"{w:.3f}" for w in row["weights"])
         lines.append(_row(label, row))
     gain = results.get("gain")
@@ -133,9 +127,9 @@ def write_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
     for name, rel in results["reliability"]["rows"].items():
         points = [(c, a) for c, a in zip(rel["confidence"], rel["accuracy"], strict=True) if c is not None]
         if points:
-            label = "ensemble (mean probability)" if name == "mean_prob" else name
+            label = COMBINERS[HEADLINE].label.replace("*", "") if name == HEADLINE else name
             ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label,
-                    linewidth=2 if name == "mean_prob" else 1)  # fmt: skip
+                    linewidth=2 if name == HEADLINE else 1)  # fmt: skip
     ax.set(xlabel="confidence (top-1 probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
            title="Reliability (15 bins)")  # fmt: skip
     ax.legend(fontsize=7)

@@ -26,10 +26,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .combining import Mean, MeanProb
+from .combining import COMBINERS, HEADLINE, MeanProb
 from .compute import FLOAT32, FirstCallFallback
 from .metrics import (
+    BOOT,
     SIZE,
+    SUMS,
     PositionStats,
     add_light,
     add_row,
@@ -81,7 +83,7 @@ class ScorePlan:
     members: int
     temperatures: tuple[float, ...]
     combiners: tuple[str, ...]
-    log_weights: tuple[float, ...] | None  # of the `weighted` mixture
+    log_weights: tuple[float, ...] | None  # fitted, for the combiners that need them
     branch_free: bool  # the exact tie rules without host synchronisation (see metrics)
 
 
@@ -121,12 +123,19 @@ def chunk_scores(
     def stats(logp: torch.Tensor) -> tuple[PositionStats, torch.Tensor]:
         return position_stats(logp, targets, plan.branch_free, buf("p"), buf("tmp"))
 
-    logit_mean = Mean(buf("mean")) if n > 1 and "mean_logit" in plan.combiners else None
+    others = [COMBINERS[c] for c in plan.combiners if c != HEADLINE] if n > 1 else []
+    log_weights = np.array(plan.log_weights) if plan.log_weights is not None else None
+    # Combiners of logits accumulate while the members' logits still exist (log-softmax then
+    # overwrites them in place), each in a buffer of its own.
+    of_logits = [c for c in others if c.reads == "logits"]
+    logit_accs = [
+        c.start(buf("mean" if k == 0 else f"mean-{k}"), log_weights) for k, c in enumerate(of_logits)
+    ]
     logps = []
     for i, lg in enumerate(logits):
         z = _scaled_logits(i, lg, plan.temperatures[i], ws)
-        if logit_mean is not None:
-            logit_mean.add(z)
+        for acc in logit_accs:
+            acc.add(z)
         logps.append(_log_softmax(z, ws))
     if n == 1:
         return ChunkScores([stats(logps[0])[0]], {}, {}, [])
@@ -137,25 +146,21 @@ def chunk_scores(
         mixture.add(lp)
         if 2 <= k < n:  # the curve needs accuracy and NLL only
             curve[k] = light_stats(mixture.logprobs(out=buf("tmp")), targets)
-    mix = mixture.logprobs(out=buf("mixture"))  # in place: no member is added any more
-    combined = {"mean_prob": stats(mix)[0]}
+    mix = mixture.result()  # in place: no member is added any more
+    combined = {HEADLINE: stats(mix)[0]}
     members, kl = [], []
     for lp in logps:
         row, p = stats(lp)
         members.append(row)
         kl.append(kl_per_position(p, lp, mix, plan.branch_free, out=buf("tmp")))
-    if logit_mean is not None:
-        combined["mean_logit"] = stats(logit_mean.log_softmax())[0]
-    if "geometric" in plan.combiners:
-        geometric = Mean(buf("mean"))
-        for lp in logps:
-            geometric.add(lp)
-        combined["geometric"] = stats(geometric.log_softmax())[0]
-    if "weighted" in plan.combiners and plan.log_weights is not None:
-        weighted = MeanProb(log_weights=np.array(plan.log_weights), out=buf("mean"))
-        for lp in logps:
-            weighted.add(lp, tmp=buf("tmp"))
-        combined["weighted"] = stats(weighted.logprobs())[0]
+    for c, acc in zip(of_logits, logit_accs, strict=True):
+        combined[c.name] = stats(acc.result())[0]
+    for c in others:
+        if c.reads == "logprobs" and not (c.fitted and log_weights is None):
+            acc = c.start(buf("mean"), log_weights)  # one at a time: they share a buffer
+            for lp in logps:
+                acc.add(lp, tmp=buf("tmp"))
+            combined[c.name] = stats(acc.result())[0]
     return ChunkScores(members, combined, curve, kl)
 
 
@@ -199,8 +204,9 @@ class Scorer:
         self._kl = torch.zeros(1, dtype=torch.float64, device=self.device)  # sum_t mean_i KL(p_i || mix)
         self._disagree = torch.zeros(len(self.pairs), dtype=torch.float64, device=self.device)
         self.boot_tokens = np.zeros(self.bootstrap_samples)
-        self.boot = np.zeros((self.bootstrap_samples, len(self.rows), 2))  # correct, nll
-        self._block: torch.Tensor | None = None
+        self.boot = np.zeros((self.bootstrap_samples, len(self.rows), BOOT.size))  # see metrics.BOOT
+        self._block: torch.Tensor | None = None  # [blocks of the batch, rows, BOOT.size]
+        self._block_tokens: torch.Tensor | None = None  # [blocks of the batch]
         compiled = bool(compile)
         self.plan = ScorePlan(
             members=n,
@@ -223,7 +229,7 @@ class Scorer:
 
     @property
     def sums(self) -> np.ndarray:
-        """[rows, metrics.SIZE] sums (see metrics.SUMS)."""
+        """[rows, metrics.SIZE] sums, addressed by metrics.SUMS."""
         return self._sums.cpu().numpy()
 
     @property
@@ -239,8 +245,14 @@ class Scorer:
         be written to, or None when chunks are compiled (the compiler plans memory)."""
         return self._workspace.member(member, rows, vocab) if self._workspace is not None else None
 
+    @property
+    def tokens(self) -> int:
+        """Positions scored (every row scores the same ones)."""
+        return int(self.sums[0, SUMS.tokens])
+
     def begin_batch(self, n_blocks: int, device: torch.device | str) -> None:
-        self._block = torch.zeros((n_blocks, len(self.rows) + 1, 2), dtype=torch.float64, device=device)
+        self._block = torch.zeros((n_blocks, len(self.rows), BOOT.size), dtype=torch.float64, device=device)
+        self._block_tokens = torch.zeros(n_blocks, dtype=torch.float64, device=device)
 
     def _add(self, name: str, stats: PositionStats, block_of: torch.Tensor) -> None:
         r = self.index[name]
@@ -250,7 +262,7 @@ class Scorer:
         """Add a chunk: every member's ``logits`` [n, vocab], the ``targets`` [n] and the
         batch-local block of each position [n]."""
         n = len(logits)
-        self._block[:, -1, 0].index_add_(0, block_of, torch.ones_like(targets, dtype=torch.float64))
+        self._block_tokens.index_add_(0, block_of, torch.ones_like(targets, dtype=torch.float64))
         out = self._chunk_scores(logits, targets, self.plan, self._workspace)
         for name, stats in zip(self.member_names, out.members, strict=True):
             self._add(name, stats, block_of)
@@ -267,15 +279,14 @@ class Scorer:
     def end_batch(self, first_block: int) -> None:
         """Fold the batch's per-block sums into the bootstrap replicates (the one host
         synchronisation per batch)."""
-        block = self._block.cpu().numpy()
-        self._block = None
+        stats, tokens = self._block.cpu().numpy(), self._block_tokens.cpu().numpy()
+        self._block = self._block_tokens = None
         if not self.bootstrap_samples:
             return
         w = poisson_weights(
-            self.bootstrap_seed, np.arange(first_block, first_block + len(block)), self.bootstrap_samples
+            self.bootstrap_seed, np.arange(first_block, first_block + len(stats)), self.bootstrap_samples
         )
-        self.boot_tokens += w @ block[:, -1, 0]
-        stats = block[:, :-1]  # [blocks, rows, 2]
+        self.boot_tokens += w @ tokens
         # 0 x inf must stay 0 (a block left out of a replicate cannot make its NLL infinite)
         with np.errstate(invalid="ignore"):  # the 0 x inf products are discarded by the where
             weighted = np.where(w[:, :, None, None] > 0, w[:, :, None, None] * stats[None], 0.0)

@@ -1,9 +1,12 @@
 """Tokens/s and model FLOPs utilisation (MFU).
 
-FLOPs per trained token (forward + backward) = 6·N + 6·L·C·T, where N counts the parameters
-except position embeddings (the tied token embedding once: it is also the output layer), L is
-the number of layers, C the model width and T the block size. The first term is the matmuls
-with the weights, the second attention's score and value products (causal: half of 12·L·C·T).
+FLOPs per trained token (forward + backward) = 6·N + 6·L·A·T, where N counts the parameters
+that multiply activations: all but the embedding tables read by lookup (position embeddings, and
+token embeddings not tied to the output layer; a tied one is the output layer's matmul), L is
+the number of layers, A the width of attention (heads x head dimension; the model width for
+GPT-2 and most others) and T the block size. The first term is the matmuls with the weights, the
+second attention's score and value products (causal: half of 12·L·A·T). Any architecture: the
+facts come from `architecture.model_shape`.
 
 MFU = FLOPs per token x tokens/s / (peak FLOP/s per device x devices). The peak is
 `train.peak_tflops` when set; else the dense peak of a known GPU at the precision in use; on
@@ -19,6 +22,8 @@ from typing import Any
 
 import torch
 
+from .architecture import count_parameters, model_shape
+
 # Dense (no sparsity) peak TFLOP/s per device, from NVIDIA's datasheets.
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2},
@@ -32,14 +37,11 @@ GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
 
 
 def flops_per_token(model_config: Any, block_size: int) -> float:
-    """6·N + 6·L·C·T for the model a config describes (counted on the meta device, so it does
+    """6·N + 6·L·A·T for the model a config describes (counted on the meta device, so it does
     not depend on how the weights are sharded)."""
-    from .members import count_parameters
-
-    n = count_parameters(model_config, position_embeddings=False)
-    layers = getattr(model_config, "n_layer", None) or model_config.num_hidden_layers
-    width = getattr(model_config, "n_embd", None) or model_config.hidden_size
-    return 6.0 * n + 6.0 * layers * width * block_size
+    n = count_parameters(model_config, lookups=False)
+    shape = model_shape(model_config)
+    return 6.0 * n + 6.0 * shape.layers * shape.attention_width * block_size
 
 
 @functools.cache

@@ -4,9 +4,7 @@ python launch/evaluate.py runs/tiny
 python launch/evaluate.py runs/tiny --data ../shared/data/sherlock_holmes.txt
 """
 
-import sys
-
-from ensemble.cli import evaluate_main
+from ensemble.cli import evaluate_entry
 
 if __name__ == "__main__":
-    sys.exit(evaluate_main())
+    evaluate_entry()

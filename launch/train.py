@@ -5,9 +5,7 @@ python launch/train.py --config configs/tiny.yaml          # one plain process
 python launch/train.py --help                              # every config key
 """
 
-import sys
-
-from ensemble.cli import train_main
+from ensemble.cli import train_entry
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    train_entry()

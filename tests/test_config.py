@@ -127,3 +127,28 @@ def test_every_field_has_a_docstring_and_appears_in_help():
         for f in dataclasses.fields(cls):
             assert docs.get(f.name), f"{section.name}.{f.name} has no docstring"
             assert f"{section.name}.{f.name}=" in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["runs/tiny", "--data", "book.txt", "eval.per_device_batch_size=8", "data.block_size=16"],
+        ["eval.per_device_batch_size=8", "runs/tiny", "--data", "book.txt", "data.block_size=16"],
+        [
+            "--data",
+            "book.txt",
+            "eval.per_device_batch_size=8",
+            "--split",
+            "test",
+            "data.block_size=16",
+            "runs/tiny",
+        ],
+    ],
+)
+def test_evaluate_takes_overrides_before_or_after_the_options(argv: list[str]):
+    from ensemble.cli import evaluate_args
+
+    args = evaluate_args(argv)
+    assert args.run_dir == "runs/tiny"
+    assert args.data == ["book.txt"]
+    assert args.overrides == ["eval.per_device_batch_size=8", "data.block_size=16"]

@@ -93,6 +93,10 @@ def test_manifest_records_members_data_and_versions(run_dir):
     assert set(splits) == {"train", "validation", "test"}
     assert all(len(s["sha256"]) == 64 and s["tokens"] > 0 for s in splits.values())
     assert {"torch", "transformers", "accelerate", "datasets"} <= set(manifest["versions"])
+    env = manifest["environment"]
+    assert env["cpu"] and env["torch_threads"] >= 1
+    # CI installs with -c constraints.txt: the run must say it matches the lock
+    assert env["lock"] == "matches constraints.txt", env["lock"]
 
 
 def test_results_are_sane(run_dir):
@@ -140,11 +144,15 @@ def test_evaluate_reproduces_results_and_never_clobbers_them(run_dir, sherlock):
         for key in ("accuracy", "top5_accuracy", "nll", "tokens"):
             assert a[key] == pytest.approx(b[key], rel=1e-9), key
 
-    proc = _run([PYTHON, "launch/evaluate.py", str(run_dir), "--data", str(sherlock)])
+    # an override after a list option (--data) is still an override
+    proc = _run(
+        [PYTHON, "launch/evaluate.py", str(run_dir), "--data", str(sherlock), "eval.bootstrap_samples=0"]
+    )
     other = run_dir / "eval" / "sherlock_holmes.txt-test" / "results.json"
     book = json.loads(other.read_text())
     assert book["data"]["source"] == str(sherlock)
     assert book["ensemble"]["tokens"] > 100_000  # the whole book
+    assert book["evaluation"]["bootstrap"]["samples"] == 0
     assert "| **Ensemble**" in proc.stdout
     assert json.loads((run_dir / "results.json").read_text()) == before
 

@@ -8,6 +8,7 @@ id, 0 log 0 = 0, an impossible target has infinite NLL.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -334,6 +335,54 @@ def test_results_document(byte_members):
     assert lo <= results["gain"]["vs_best_member"]["nll"] <= hi
     assert len(results["diversity"]["disagreement"]["pairs"]) == 3
     assert sum(results["reliability"]["rows"]["mean_prob"]["count"]) == results["ensemble"]["tokens"]
+
+
+class _MaxProb:
+    """A toy combiner: the renormalised maximum of the members' probabilities."""
+
+    def __init__(self, out):
+        self.best = None
+
+    def add(self, logp, tmp=None):
+        self.best = logp.clone() if self.best is None else torch.maximum(self.best, logp)
+
+    def result(self):
+        return torch.log_softmax(self.best, dim=-1)
+
+
+def test_a_combiner_registered_in_one_place_is_scored_and_reported(byte_members, tmp_path):
+    from ensemble.combining import COMBINERS, Combiner, register_combiner
+    from ensemble.errors import ConfigError
+    from ensemble.evaluation import Sharding
+    from ensemble.reporting import write_results
+
+    cfg = EvalConfig(per_device_batch_size=4, combiners=["mean_prob", "max_prob"], bootstrap_samples=20)
+    with pytest.raises(ConfigError, match="unknown combiner 'max_prob'"):
+        cfg.validate()
+    register_combiner(
+        Combiner("max_prob", "Ensemble (max probability)", "logprobs", lambda out, _: _MaxProb(out))
+    )
+    try:
+        cfg.validate()
+        members = load_members(byte_members, "cpu")
+        blocks = EvalBlocks(np.arange(300) % 259, 32)
+        scorer = evaluate_members(members, blocks, cfg, "cpu", show_progress=False)
+        results = results_dict(
+            members, scorer, cfg, "test", blocks, {"source": "x"}, Sharding("data", 0, 1, 3)
+        )
+        write_results(results, tmp_path)
+    finally:
+        COMBINERS.pop("max_prob")
+    probs, targets = _model_probs(members, blocks)
+    top = np.max(probs, axis=0)
+    assert_row(
+        row_result(scorer.sums[scorer.index["max_prob"]]), brute_row(top / top.sum(1, keepdims=True), targets)
+    )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["combiners"]) == {"mean_prob", "max_prob"}
+    assert saved["combiners"]["max_prob"]["nll"] == pytest.approx(results["combiners"]["max_prob"]["nll"])
+    assert "ci95" in saved["combiners"]["max_prob"]
+    assert "| Ensemble (max probability) | " in (tmp_path / "results.md").read_text()
 
 
 def test_members_with_different_tokenizers_are_refused(byte_members, gpt2_tokenizer_dir, tmp_path):

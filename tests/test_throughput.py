@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ensemble.members import count_parameters
+from ensemble.architecture import count_parameters
 from ensemble.throughput import flops_per_token, mfu, peak_tflops
 
 
