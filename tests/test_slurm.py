@@ -283,7 +283,10 @@ def test_multinode_job_checkpoints_on_the_warning_signal_requeues_and_resumes(sl
     slurm.wait([train, evaluation], timeout=600)
 
     log = job_log(f"ensemble-train-{train}.out")
-    assert states(slurm, train) == ["COMPLETED"] and states(slurm, evaluation) == ["COMPLETED"], log[-4000:]
+    # on failure: the job's output, its record and the daemons' logs (why Slurm failed a restart)
+    assert states(slurm, train) == ["COMPLETED"] and states(slurm, evaluation) == ["COMPLETED"], (
+        f"{log[-4000:]}\n{slurm.job(train)}\n{slurm.logs()}"
+    )
     (job,) = slurm.job(train)
     assert job["Restarts"] == "1", log[-4000:]
     for node in (0, 1):  # each node launched with its own rank, both pointing at the first node
