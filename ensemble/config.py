@@ -108,6 +108,11 @@ class ModelConfig:
                     "gpt2, llama, gpt_neox, qwen2 or mistral"
                 )
             key = "gpt2_config" if self.gpt2_config else "config"
+            if "vocab_size" in self.scratch_fields:
+                raise ConfigError(
+                    f"model.{key}.vocab_size is set, but the vocabulary size comes from the tokenizer; "
+                    f"remove it (set model.tokenizer_vocab_size for a bpe tokenizer)"
+                )
             config_class, known = config_fields(self.model_type)
             for name in self.scratch_fields:
                 if name not in known:

@@ -75,6 +75,10 @@ def lock_differences(constraints: Path = CONSTRAINTS) -> list[str] | None:
 def environment() -> dict[str, Any]:
     """The machine and software stack, for the manifest."""
     differences = lock_differences()
+    if differences is None:
+        lock: str | list[str] = "no constraints.txt (not a source checkout)"
+    else:
+        lock = differences or "matches constraints.txt"
     return {
         "platform": platform.platform(),
         "cpu": _cpu_model(),
@@ -82,11 +86,5 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "lock": (
-            "no constraints.txt (not a source checkout)"
-            if differences is None
-            else "matches constraints.txt"
-            if not differences
-            else differences
-        ),
+        "lock": lock,
     }

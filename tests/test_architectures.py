@@ -84,6 +84,10 @@ def test_model_config_is_validated_against_the_architecture():
         load_config(None, [*base, "model.architecture=llama", "model.config={hidden_sise: 8}"])
     with pytest.raises(ConfigError, match="model.gpt2_config describes a GPT-2 but model.architecture=llama"):
         load_config(None, [*base, "model.architecture=llama", "model.gpt2_config={n_layer: 1}"])
+    with pytest.raises(
+        ConfigError, match="model.config.vocab_size is set, but the vocabulary size comes from the tokenizer"
+    ):
+        load_config(None, [*base, "model.architecture=llama", "model.config={vocab_size: 100}"])
     with pytest.raises(ConfigError, match="model.name_or_path and model.architecture are both set"):
         load_config(None, [*base, "model.architecture=llama", "model.name_or_path=gpt2"])
     # model.gpt2_config is architecture gpt2 with those fields, for the resume check too
