@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import inspect
 import math
 import types
@@ -20,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
 BYTE_TOKENIZER = "byte"
@@ -104,7 +103,7 @@ class ModelConfig:
             if self.model_type not in known_types:
                 raise ConfigError(
                     f"model.architecture={self.model_type} is not a causal-LM architecture of this "
-                    f"transformers{_did_you_mean(self.model_type, known_types)}; use a model type such as "
+                    f"transformers{did_you_mean(self.model_type, known_types)}; use a model type such as "
                     "gpt2, llama, gpt_neox, qwen2 or mistral"
                 )
             key = "gpt2_config" if self.gpt2_config else "config"
@@ -117,7 +116,7 @@ class ModelConfig:
             for name in self.scratch_fields:
                 if name not in known:
                     raise ConfigError(
-                        f"unknown {config_class} field model.{key}.{name}{_did_you_mean(name, known)}; "
+                        f"unknown {config_class} field model.{key}.{name}{did_you_mean(name, known)}; "
                         f"see transformers' {config_class} for the fields"
                     )
 
@@ -432,7 +431,7 @@ class EvalConfig:
         for name in self.combiners:
             if name not in COMBINERS:
                 raise ConfigError(
-                    f"eval.combiners: unknown combiner {name!r}{_did_you_mean(name, COMBINERS)}; "
+                    f"eval.combiners: unknown combiner {name!r}{did_you_mean(name, COMBINERS)}; "
                     f"the registered ones are {', '.join(COMBINERS)}"
                 )
         if HEADLINE not in self.combiners:
@@ -584,7 +583,7 @@ def from_dict(cls: type, raw: Any, where: str) -> Any:
         if key not in names:
             place = f"{where}.{key}" if where else str(key)
             raise ConfigError(
-                f"unknown config key {place}{_did_you_mean(str(key), names)}; "
+                f"unknown config key {place}{did_you_mean(str(key), names)}; "
                 f"valid keys{' in ' + where if where else ''}: {', '.join(sorted(names))}"
             )
     kwargs = {}
@@ -657,11 +656,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _show(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
-
-
-def _did_you_mean(key: str, options: Any) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ Entry points print these as a single line (``error: ...``) and exit with status 
 else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
 
 class EnsembleError(Exception):
     """A user-facing error: the message names the problem and the fix, on one line."""
@@ -14,6 +18,14 @@ def first_line(e: BaseException) -> str:
     the message is empty."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def did_you_mean(name: str, options: Iterable[object]) -> str:
+    """ " (did you mean X?)" for the option closest to a misspelt ``name``, or nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(name, [str(o) for o in options], n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class ConfigError(EnsembleError):

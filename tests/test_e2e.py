@@ -122,6 +122,39 @@ def test_results_are_sane(run_dir):
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_ensemble_model_scores_the_test_split_as_results_json_and_generates(run_dir, tmp_path):
+    """`EnsembleForCausalLM` loaded from the run, with the temperatures and weights its evaluation
+    fitted: its NLL over the test blocks is the one in results.json, and launch/generate.py
+    continues a prompt with it."""
+    import torch
+
+    from ensemble.config import config_from_dict
+    from ensemble.data import prepare_data
+    from ensemble.generation import load_ensemble
+
+    results = json.loads((run_dir / "results.json").read_text())
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    for combiner in ("mean_prob", "weighted"):
+        model, tokenizer = load_ensemble(run_dir, combiner=combiner)
+        blocks = prepare_data(cfg.data, tokenizer, cfg.data.block_size, splits=("test",)).eval_blocks("test")
+        with torch.no_grad():
+            total = sum(
+                float(model(b[None], labels=b[None], use_cache=False).loss) * (len(b) - 1)
+                for b in (blocks[i] for i in range(len(blocks)))
+                if len(b) > 1  # the last block may be one token: nothing to predict
+            )
+        assert total / blocks.num_predictions == pytest.approx(
+            results["combiners"][combiner]["nll"], rel=1e-5
+        )
+
+    out = tmp_path / "generated.jsonl"
+    proc = _run([PYTHON, "launch/generate.py", str(run_dir), "--prompt", "The list", "--max-new-tokens", "12",
+                 "--show-uncertainty", "--output", str(out)])  # fmt: skip
+    record = json.loads(out.read_text())
+    assert len(record["tokens"]) == 12 and record["continuation"]
+    assert proc.stdout.startswith("The list[") and "epistemic uncertainty" in proc.stdout
+
+
 def test_tensorboard_recorded_each_members_metrics(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
