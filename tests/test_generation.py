@@ -207,8 +207,10 @@ def test_uncertainty_decomposition_against_numpy():
 
 def test_generate_command_streams_and_marks_uncertainty(run: Path, tmp_path: Path, capsys):
     out = tmp_path / "out.jsonl"
-    argv = [str(run), "--prompt", "The sea", "--prompt", "Yes", "--max-new-tokens", "6", "--show-uncertainty",
-            "--output", str(out), "--combiner", "weighted", "--sample", "--seed", "3"]  # fmt: skip
+    (tmp_path / "prompts.txt").write_text("Yes\n\n")  # blank lines are skipped
+    argv = [str(run), "--prompt", "The sea", "--prompts-file", str(tmp_path / "prompts.txt"),
+            "--max-new-tokens", "6", "--show-uncertainty", "--output", str(out), "--combiner", "weighted",
+            "--sample", "--seed", "3"]  # fmt: skip
     assert generate_main(argv) == 0
     printed = capsys.readouterr().out
     records = [json.loads(line) for line in out.read_text().splitlines()]
