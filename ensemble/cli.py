@@ -253,28 +253,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "data"
 
 
+def run_or_members(args: argparse.Namespace) -> str | list[str]:
+    """The ensemble a command line names: its run directory, or its --members directories."""
+    if bool(args.run_dir) == bool(args.members):
+        raise EnsembleError("give either a run directory or --members DIR ..., not both or neither")
+    return args.run_dir or args.members
+
+
 def resolve_evaluation(
     args: argparse.Namespace,
 ) -> tuple[list[Path], ExperimentConfig, ExperimentConfig | None, str, Path]:
     """(member dirs, config whose data/eval sections apply, the run's own config when --data
     replaced its data (weights and temperatures are fitted on the run's validation split), split,
     output dir)."""
-    from .members import find_members
+    from .members import member_dirs
 
-    if bool(args.run_dir) == bool(args.members):
-        raise EnsembleError("give either a run directory or --members DIR ..., not both or neither")
-    if args.run_dir:
-        run = Path(args.run_dir)
-        if not run.is_dir():
-            raise EnsembleError(f"run directory {run} not found; pass the output.dir of a training run")
-        member_paths = find_members(run)
-        if not member_paths:
-            raise EnsembleError(f"{run} holds no finished members (members/member-<i>/member.json)")
-    else:
-        member_paths = [Path(m) for m in args.members]
-        for m in member_paths:
-            if not m.is_dir():
-                raise EnsembleError(f"member directory {m} not found; fix the path")
+    member_paths = member_dirs(run_or_members(args))
 
     config_path = (
         Path(args.config)
@@ -409,8 +403,7 @@ def generate_parser() -> argparse.ArgumentParser:
 @guarded
 def generate_main(argv: Sequence[str] | None = None) -> None:
     args = generate_parser().parse_args(argv)
-    if bool(args.run_dir) == bool(args.members):
-        raise EnsembleError("give either a run directory or --members DIR ..., not both or neither")
+    source = run_or_members(args)
     prompts = list(args.prompt)
     if args.prompts_file:
         if not args.prompts_file.is_file():
@@ -433,7 +426,6 @@ def generate_main(argv: Sequence[str] | None = None) -> None:
         levels=tuple(args.uncertainty_levels),
     )
     setup_logging()
-    source = args.run_dir or args.members
     devices = args.devices[0] if args.devices and len(args.devices) == 1 else args.devices
     model, tokenizer = load_ensemble(
         source, combiner=args.combiner, devices=devices, dtype=args.dtype,

@@ -5,6 +5,7 @@ about it (the mutual information of their distributions, see :mod:`uncertainty`)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -204,8 +205,9 @@ def _continue(model, tokenizer, prompt, ids, settings, show_uncertainty, out, co
     mask = torch.ones_like(ids)
     if settings.streamed:
         out.write(_dim(prompt, colour))
-        with model.record_uncertainty() as steps:
-            printer = _Printer(tokenizer, out, steps if show_uncertainty else None, settings, colour)
+        # Recording computes the decomposition at every step: only when it is shown.
+        with model.record_uncertainty() if show_uncertainty else contextlib.nullcontext() as steps:
+            printer = _Printer(tokenizer, out, steps, settings, colour)
             sequences = model.generate(
                 input_ids=ids, attention_mask=mask, streamer=printer, **settings.generate_kwargs()
             )

@@ -351,27 +351,11 @@ def load_ensemble(
     for a fitted combiner, instead of the run's.
     """
     from .evaluation import load_members
-    from .members import find_members
+    from .members import member_dirs
 
     spec = combiner_named(combiner)
-    run_dir: Path | None = None
-    if isinstance(source, (str, Path)):
-        run_dir = Path(source)
-        if not run_dir.is_dir():
-            raise EnsembleError(f"run directory {run_dir} not found; pass the output.dir of a training run")
-        paths = find_members(run_dir)
-        if not paths:
-            raise EnsembleError(
-                f"{run_dir} holds no finished members (members/member-<i>/member.json); train them first "
-                "(--resume auto finishes an interrupted run)"
-            )
-    else:
-        paths = [Path(p) for p in source]
-        for p in paths:
-            if not p.is_dir():
-                raise EnsembleError(f"member directory {p} not found; fix the path")
-        if not paths:
-            raise EnsembleError("no member directories given; pass a run directory or member directories")
+    run_dir = Path(source) if isinstance(source, (str, Path)) else None
+    paths = member_dirs(source)
     placement = resolve_devices(devices, len(paths))
     loaded = load_members(paths, "cpu")
     names = [m.name for m in loaded]

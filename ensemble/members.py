@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,6 +298,29 @@ def find_members(run_dir: Path) -> list[Path]:
             if m and is_complete_member(entry):
                 found.append((int(m.group(1)), entry))
     return [p for _, p in sorted(found)]
+
+
+def member_dirs(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The member directories an ensemble is made of: a run directory's finished members, or
+    the given member directories; refused, with the fix, when there are none or one is missing."""
+    if isinstance(source, (str, Path)):
+        run = Path(source)
+        if not run.is_dir():
+            raise EnsembleError(f"run directory {run} not found; pass the output.dir of a training run")
+        paths = find_members(run)
+        if not paths:
+            raise EnsembleError(
+                f"{run} holds no finished members (members/member-<i>/member.json); train them first "
+                "(--resume auto finishes an interrupted run)"
+            )
+        return paths
+    paths = [Path(p) for p in source]
+    if not paths:
+        raise EnsembleError("no member directories given; pass a run directory or member directories")
+    for p in paths:
+        if not p.is_dir():
+            raise EnsembleError(f"member directory {p} not found; fix the path")
+    return paths
 
 
 def read_member_info(path: Path) -> dict[str, Any]:
