@@ -5,6 +5,10 @@ Measured on this device, each figure in a fresh process (so its peak memory is i
 - ours, N members: tokens/s of the N-member ensemble evaluation (all metrics, combiners
   mean_prob/mean_logit/geometric, bootstrap; the validation fits are a separate pass and are
   not timed);
+- ours without uncertainty: the same with `eval.uncertainty=false` (no entropies, no
+  decomposition, no selective-prediction histograms): the baseline of the uncertainty's cost;
+- ours with every output: uncertainty plus the per-block sums of `--ood` and the per-token
+  Parquet export of `--tokens-out`;
 - naive: each member evaluated separately with its full logits collected on the host, then
   the probabilities averaged (what the reference tutorial attempts with `Trainer`).
 Memory: the evaluation's own peak (peak RSS, or peak CUDA memory, above what the process held
@@ -12,8 +16,10 @@ before the evaluation started), for a test set and for one 4x larger.
 
     python benchmarks/evaluation.py                  # trains small members first
     python benchmarks/evaluation.py --run runs/tiny  # or uses a run's members
-Targets: ensemble tokens/s >= 0.9 x (single-member tokens/s / N); our memory flat when the
-test set grows 4x, while the naive baseline's grows.
+    python benchmarks/evaluation.py --size gpt2 --cost-only  # the uncertainty's cost, GPT-2 small
+Targets: ensemble tokens/s >= 0.9 x (single-member tokens/s / N); the uncertainty costs at most
+10% of the throughput; our memory flat when the test set grows 4x (with every output too), while
+the naive baseline's grows.
 """
 
 from __future__ import annotations
@@ -32,6 +38,13 @@ if TYPE_CHECKING:
     from ensemble.data import EvalBlocks
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/generation.py's random members
+KINDS = {
+    "ours": "evaluation, uncertainty included (the default)",
+    "ours-plain": "eval.uncertainty=false",
+    "ours-all": "uncertainty, per-block sums (--ood) and the per-token export (--tokens-out)",
+    "naive": "full logits on the host, averaged at the end",
+}
 
 
 def _reset_peak() -> None:
@@ -110,14 +123,33 @@ def worker(
     block_size = min(context_length(m.config) for m in loaded)
     blocks = prepare_data(cfg, loaded[0].tokenizer, block_size, splits=("test",)).eval_blocks("test")
 
+    compiled = []
+
     def ours() -> int:
-        eval_cfg = EvalConfig(per_device_batch_size=batch_size, combiners=combiners)
-        return evaluate_members(loaded, blocks, eval_cfg, device, show_progress=False).tokens
+        eval_cfg = EvalConfig(
+            per_device_batch_size=batch_size, combiners=combiners, uncertainty=kind != "ours-plain"
+        )
+        if kind != "ours-all":
+            scorer = evaluate_members(loaded, blocks, eval_cfg, device, show_progress=False)
+            compiled.append(scorer.compiled)
+            return scorer.tokens
+        from ensemble.tokens import TokenWriter
+
+        with tempfile.TemporaryDirectory() as tmp:
+            names = [m.name for m in loaded]
+            writer = TokenWriter(
+                Path(tmp) / "t.parquet", names, loaded[0].tokenizer, loaded[0].config.vocab_size, 0, 1
+            )
+            scorer = evaluate_members(loaded, blocks, eval_cfg, device, show_progress=False, keep_blocks=True,
+                                      tokens=writer)  # fmt: skip
+            writer.finish(-(-len(blocks) // batch_size))
+            compiled.append(scorer.compiled)
+            return scorer.tokens
 
     def naive() -> int:  # full logits of every member on the host, averaged at the end
         return naive_ensemble(loaded, blocks, batch_size, device)
 
-    run = ours if kind == "ours" else naive
+    run = naive if kind == "naive" else ours
     gc.collect()
     _reset_peak()
     before = _held_bytes()
@@ -131,7 +163,8 @@ def worker(
         if repeat == 0:
             peak = max(_peak_bytes() - before, 0)  # the memory of one evaluation
     seconds = min(times)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "eval_peak_bytes": peak}
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "eval_peak_bytes": peak,
+            "compiled": all(compiled) if compiled else None}  # fmt: skip
 
 
 def run_worker(
@@ -148,10 +181,26 @@ def run_worker(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="run directory whose members to use (default: train small ones)")
+    p.add_argument(
+        "--size",
+        choices=["trained", "gpt2"],
+        default="trained",
+        help="without --run: small members trained here (trained), or 3 random GPT-2 small (gpt2)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=str(REPO.parent / "shared" / "data" / "gpt2-tokenizer"),
+        help="the tokenizer of --size gpt2 members",
+    )
     p.add_argument("--text", default=str(REPO.parent / "shared" / "data" / "sherlock_holmes.txt"))
     p.add_argument("--chars", type=int, default=60_000, help="size of the smaller test set, in characters")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="passes per measurement; the best is reported")
+    p.add_argument(
+        "--cost-only",
+        action="store_true",
+        help="only the N-member rows with and without the uncertainty (and with every output)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--members", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--combiners", nargs="*", default=["mean_prob"], help=argparse.SUPPRESS)
@@ -169,7 +218,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         run = Path(args.run) if args.run else tmp / "run"
-        if not args.run:
+        if not args.run and args.size == "gpt2":
+            from generation import random_run
+
+            random_run(run, "gpt2", 3, args.tokenizer)
+        elif not args.run:
             print("training small members (configs/tiny.yaml, 50 steps each) ...", flush=True)
             subprocess.run([sys.executable, "launch/train.py", "--config", "configs/tiny.yaml", "train.max_steps=50",
                             "tracking.report_to=[none]", f"output.dir={run}"], cwd=REPO, check=True,
@@ -181,35 +234,57 @@ def main() -> None:
             files[label] = tmp / f"test-{label}.txt"
             files[label].write_text(text[:chars])
         n = len(members)
+        cost = {
+            f"ours, {n} members, 3 combiners": ("ours", all_combiners),
+            f"ours, {n} members, 3 combiners, no uncertainty": ("ours-plain", all_combiners),
+            f"ours, {n} members, 3 combiners, every output": ("ours-all", all_combiners),
+        }
+        wanted = cost if args.cost_only else {
+            "ours, 1 member": ("ours", ["mean_prob"]),
+            f"ours, {n} members, mean_prob": ("ours", ["mean_prob"]),
+            **cost,
+            f"naive, {n} members": ("naive", []),
+        }  # fmt: skip
         rows = {
-            "ours, 1 member": run_worker("ours", members[:1], files["4x"], args, ["mean_prob"]),
-            f"ours, {n} members, mean_prob": run_worker("ours", members, files["4x"], args, ["mean_prob"]),
-            f"ours, {n} members, 3 combiners": run_worker("ours", members, files["4x"], args, all_combiners),
-            f"naive, {n} members": run_worker("naive", members, files["4x"], args, []),
+            label: run_worker(
+                kind, members[:1] if label == "ours, 1 member" else members, files["4x"], args, comb
+            )
+            for label, (kind, comb) in wanted.items()
         }
         memory = {
             (who, size): run_worker(who, members, files[size], args, all_combiners)["eval_peak_bytes"]
-            for who in ("ours", "naive")
+            for who in ("ours", "ours-all", "naive")
             for size in ("1x", "4x")
+            if not args.cost_only
         }
-    print(
-        f"\nthroughput on the 4x test set ({rows['ours, 1 member']['tokens']:,} tokens), best of {args.repeats}:"
-    )
-    print(f"{'':<32} {'seconds':>8} {'tokens/s':>9}")
+    first = next(iter(rows.values()))
+    print(f"\nthroughput on the 4x test set ({first['tokens']:,} tokens), best of {args.repeats}:")
+    print(f"{'':<48} {'seconds':>8} {'tokens/s':>9}")
     for label, r in rows.items():
-        print(f"{label:<32} {r['seconds']:>8.2f} {r['tokens_per_s']:>9,.0f}")
-    single = rows["ours, 1 member"]["tokens_per_s"]
-    for label in (f"ours, {n} members, mean_prob", f"ours, {n} members, 3 combiners"):
-        ratio = rows[label]["tokens_per_s"] / (single / n)
-        print(f"{label}: tokens/s / (single-member tokens/s / {n}) = {ratio:.2f} (target >= 0.9)")
-    naive = rows[f"naive, {n} members"]["tokens_per_s"]
+        note = {True: "  (scoring compiled)", False: "  (scoring eager)"}.get(r["compiled"], "")
+        print(f"{label:<48} {r['seconds']:>8.2f} {r['tokens_per_s']:>9,.0f}{note}")
+    full = rows[f"ours, {n} members, 3 combiners"]["tokens_per_s"]
+    if "ours, 1 member" in rows:
+        single = rows["ours, 1 member"]["tokens_per_s"]
+        for label in (f"ours, {n} members, mean_prob", f"ours, {n} members, 3 combiners"):
+            ratio = rows[label]["tokens_per_s"] / (single / n)
+            print(f"{label}: tokens/s / (single-member tokens/s / {n}) = {ratio:.2f} (target >= 0.9)")
+        print(
+            f"ours ({n} members, 3 combiners) / naive tokens/s: {full / rows[f'naive, {n} members']['tokens_per_s']:.2f}"
+        )
+    plain = rows[f"ours, {n} members, 3 combiners, no uncertainty"]["tokens_per_s"]
+    every = rows[f"ours, {n} members, 3 combiners, every output"]["tokens_per_s"]
     print(
-        f"ours ({n} members, 3 combiners) / naive tokens/s: {rows[f'ours, {n} members, 3 combiners']['tokens_per_s'] / naive:.2f}"
+        f"the uncertainty's cost: {100 * (1 - full / plain):.1f}% of the throughput without it (target <= 10%)"
     )
-    print("\nevaluation peak memory (one pass, above what the process held before it):")
-    for who in ("ours", "naive"):
-        small, big = memory[(who, "1x")] / 2**20, memory[(who, "4x")] / 2**20
-        print(f"{who:<6} 1x {small:8.1f} MiB   4x {big:8.1f} MiB   (x{big / max(small, 1e-9):.2f})")
+    print(f"with every output (--ood block sums, --tokens-out): {100 * (1 - every / plain):.1f}%")
+    if memory:
+        print("\nevaluation peak memory (one pass, above what the process held before it):")
+        for who in ("ours", "ours-all", "naive"):
+            small, big = memory[(who, "1x")] / 2**20, memory[(who, "4x")] / 2**20
+            print(
+                f"{who:<9} 1x {small:8.1f} MiB   4x {big:8.1f} MiB   (x{big / max(small, 1e-9):.2f})  {KINDS[who]}"
+            )
 
 
 if __name__ == "__main__":

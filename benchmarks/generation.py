@@ -38,7 +38,9 @@ SIZES = {
 }
 
 
-def _random_run(root: Path, size: str, members: int, tokenizer_dir: str) -> Path:
+def random_run(root: Path, size: str, members: int, tokenizer_dir: str) -> Path:
+    """A run directory of ``members`` random GPT-2 members of ``size`` (also used by
+    benchmarks/evaluation.py)."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     from ensemble.config import ExperimentConfig
@@ -178,7 +180,7 @@ def main() -> None:
     args = p.parse_args()
     dtype = "auto"  # bfloat16 on a GPU, float32 on the CPU
     with tempfile.TemporaryDirectory() as tmp:
-        run = args.run or _random_run(Path(tmp) / "run", args.size, args.members, args.tokenizer)
+        run = args.run or random_run(Path(tmp) / "run", args.size, args.members, args.tokenizer)
         checked = check(run, args.check) if args.check else None
         if checked:
             print(json.dumps(checked))

@@ -198,6 +198,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
         "  launch/evaluate.py runs/tiny                       # the run's test split\n"
         "  launch/evaluate.py runs/tiny --data book.txt       # a local file, whole\n"
         "  launch/evaluate.py --members a/ b/ --config c.yaml --output out/\n"
+        "  launch/evaluate.py runs/tiny --ood other.txt --tokens-out tokens.parquet --html view.html\n"
         "overrides: data.* and eval.* keys, e.g. eval.per_device_batch_size=8",
     )
     p.add_argument(
@@ -217,6 +218,23 @@ def evaluate_parser() -> argparse.ArgumentParser:
         "--split", default=None, choices=["test", "validation"], help="split to evaluate (default: test)"
     )
     p.add_argument("--output", help="directory for results.json/.md (default: the run, or <run>/eval/<data>)")
+    p.add_argument(
+        "--ood", nargs="+", metavar="FILE", default=[],
+        help="out-of-domain text file(s): their blocks are told apart from the split's by each "
+        "uncertainty score (AUROC, FPR at 95%% TPR) in results.json and ood.png",
+    )  # fmt: skip
+    p.add_argument(
+        "--tokens-out", metavar="FILE",
+        help="write every predicted token (its probability under each member and the ensemble, "
+        "entropy, mutual information) to this Parquet file, streamed",
+    )  # fmt: skip
+    p.add_argument(
+        "--html", metavar="FILE",
+        help="write a page showing the split's first tokens shaded by the members' disagreement",
+    )  # fmt: skip
+    p.add_argument(
+        "--html-tokens", type=int, default=2000, metavar="N", help="tokens on the --html page (2000)"
+    )
     return p
 
 
@@ -233,7 +251,7 @@ def evaluate_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     the ones that a list option (--data, --members) swallowed are taken back from it."""
     args = evaluate_parser().parse_intermixed_args(argv)
     swallowed = []
-    for option in ("data", "members"):
+    for option in ("data", "members", "ood"):
         values = getattr(args, option)
         if values:
             swallowed += [v for v in values if _is_override(v)]
@@ -319,7 +337,14 @@ def evaluate_main(argv: Sequence[str] | None = None) -> None:
     member_paths, cfg, run_cfg, split, out = resolve_evaluation(args)
     setup_logging()
     from .distributed import Worlds, launch_info, local_device
-    from .evaluation import evaluate
+    from .evaluation import EvalOutputs, evaluate
+
+    outputs = EvalOutputs(
+        ood=tuple(Path(f) for f in args.ood),
+        tokens_out=Path(args.tokens_out) if args.tokens_out else None,
+        html=Path(args.html) if args.html else None,
+        html_tokens=args.html_tokens,
+    )
 
     device = local_device()
     worlds = Worlds(cfg.parallel.timeout_s)
@@ -334,6 +359,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> None:
             device,
             fit_data_cfg=run_cfg.data if run_cfg else None,
             main_first=worlds.main_first,
+            outputs=outputs,
         )
         worlds.wait_all("finished")  # the ranks leave together (see Worlds.close)
     finally:

@@ -417,8 +417,16 @@ class EvalConfig:
     host synchronisation). `auto`: on CUDA, off on CPU (compiling takes longer there than it
     saves on small runs); where compiling fails, `auto` runs eager, `true` stops with an error."""
 
+    uncertainty: bool = True
+    """Decompose the ensemble's uncertainty at every position (total = aleatoric + epistemic,
+    and the pairwise KL between members) and score selective prediction (risk-coverage curves,
+    AURC) for the members and the ensemble, in the same pass (see ensemble/selective.py).
+    `false` skips that work (it costs a few percent of evaluation throughput; see
+    benchmarks/evaluation.py --uncertainty-cost); `--ood`, `--tokens-out` and `--html` need it."""
+
     plots: bool = True
-    """Write ensemble_size.png and reliability.png next to results.json."""
+    """Write ensemble_size.png, reliability.png and risk_coverage.png (and ood.png with
+    `--ood`) next to results.json."""
 
     def validate(self) -> None:
         for name in ("per_device_batch_size", "chunk_tokens"):

@@ -247,10 +247,8 @@ def _uncertainty_of(
     forward over them: the distribution at position t - 1 is the one token t was chosen from."""
     with torch.inference_mode():
         u = model(sequences, use_cache=False, output_uncertainty=True).uncertainty
-    return [
-        [_values(Uncertainty(*(x[row] for x in u)), t - 1) for t in range(start, sequences.shape[1])]
-        for row in range(len(sequences))
-    ]
+    per_row = [u.map(lambda x, r=r: x[r]) for r in range(len(sequences))]
+    return [[_values(v, t - 1) for t in range(start, sequences.shape[1])] for v in per_row]
 
 
 def _summary(results: list[Continuation], out: IO[str]) -> None:

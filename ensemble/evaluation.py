@@ -23,6 +23,7 @@ logits are copied to the host.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterator
@@ -52,8 +53,11 @@ from .data import EvalBlocks, PreparedData, collate_eval, prepare_data
 from .errors import EnsembleError, first_line
 from .members import read_member_info, verify_weights
 from .metrics import BOOT, BOOTSTRAPPED, SUMS, percentile_interval, reliability, row_result
+from .ood import BLOCK_SCORES, TPR, block_scores, detection
 from .reporting import format_table, write_plots, write_results
 from .scoring import Scorer, Workspace, log_probs_of_targets
+from .selective import selective_results
+from .tokens import TokenWriter, write_html
 
 logger = logging.getLogger(__name__)
 
@@ -390,8 +394,14 @@ def evaluate_members(
     sharding: Sharding | None = None,
     fit_blocks: EvalBlocks | None = None,
     show_progress: bool = True,
+    fitted: tuple[np.ndarray, np.ndarray | None] | None = None,
+    keep_blocks: bool = False,
+    tokens: TokenWriter | None = None,
 ) -> Scorer:
-    """Score ``blocks`` with every member and combiner; returns the (all-reduced) sums."""
+    """Score ``blocks`` with every member and combiner; returns the (all-reduced) sums.
+    ``fitted``: temperatures and weights already fitted (nothing is fitted then);
+    ``keep_blocks``: keep every block's sums (out-of-domain scores); ``tokens``: where this
+    process writes its per-token rows (the processes that accumulate)."""
     device = torch.device(device)
     sharding = sharding or Sharding("data", 0, 1, len(members))
     collectives = Collectives(sharding)
@@ -411,8 +421,8 @@ def evaluate_members(
     )  # fmt: skip
     n = len(members)
     combiners = usable_combiners(cfg.combiners, n)
-    temperatures, weights = np.ones(n), None
-    if cfg.temperature_scaling or needs_fitting(combiners, n):
+    temperatures, weights = fitted if fitted is not None else (np.ones(n), None)
+    if fitted is None and (cfg.temperature_scaling or needs_fitting(combiners, n)):
         if fit_blocks is None:
             raise EnsembleError("fitting weights or temperatures needs a validation split; none was given")
         temperatures, weights = _fit(stream, fit_blocks, cfg, None if compiled else Workspace(device))
@@ -421,7 +431,10 @@ def evaluate_members(
     scorer = Scorer(
         [m.name for m in members], combiners, temperatures, weights, cfg.bootstrap_samples, cfg.bootstrap_seed,
         device=device, compile=cfg.compile if compiled else False, precision=precision,
+        uncertainty=cfg.uncertainty,
     )  # fmt: skip
+    if keep_blocks:
+        scorer.keep_blocks(len(blocks))
     n_batches = -(-len(blocks) // cfg.per_device_batch_size)
     mine = sharding.batches(n_batches)
     with torch.inference_mode():
@@ -431,11 +444,19 @@ def evaluate_members(
         ):  # fmt: skip
             if sharding.accumulates:
                 scorer.begin_batch(len(batch["input_ids"]), device)
+                if tokens is not None:
+                    tokens.begin_batch(first, batch)
             for targets, block_of, logits in stream.chunks(batch, scorer.workspace):
                 if sharding.accumulates:
-                    scorer.score(logits, targets, block_of)
+                    out = scorer.score(logits, targets, block_of)
+                    if tokens is not None:
+                        tokens.add(out, targets)
             if sharding.accumulates:
                 scorer.end_batch(first)
+                if tokens is not None:
+                    tokens.end_batch()
+    if tokens is not None:
+        tokens.close()  # before the all-reduce: once it returns, every part is complete
     scorer.unpack(collectives.allreduce_sum(scorer.pack()))  # the one all-reduce of the sums
     expected = blocks.num_predictions
     tokens = scorer.tokens
@@ -479,6 +500,17 @@ def results_dict(
     curve += [{"k": k, **_curve_point(rows[f"first-{k}"])} for k in range(2, n)]
     if n > 1:
         curve.append({"k": n, **_curve_point(rows[HEADLINE])})
+    if cfg.uncertainty:
+        # entropy of the first k's mixture, minus the mean of those k members' entropies
+        member_entropy = [
+            scorer.sums[r, SUMS.entropy] / rows[m.name]["tokens"] for r, m in enumerate(members)
+        ]
+        for point in curve:
+            k = point["k"]
+            row = members[0].name if k == 1 else (HEADLINE if k == n else f"first-{k}")
+            total = scorer.sums[scorer.index[row], SUMS.entropy] / rows[row]["tokens"]
+            aleatoric = float(np.mean(member_entropy[:k]))
+            point.update(total=total, aleatoric=aleatoric, epistemic=total - aleatoric)
     tokens = rows[HEADLINE]["tokens"]
     mean_member_nll = float(np.mean([rows[m.name]["nll"] for m in members]))
     results: dict[str, Any] = {
@@ -522,6 +554,7 @@ def results_dict(
             },
         },
         "gain": _gain(rows, members, boot),
+        **(_uncertainty(members, scorer, tokens) if cfg.uncertainty else {}),
         "reliability": {
             "bins": 15,
             "rows": {
@@ -531,6 +564,28 @@ def results_dict(
         },  # fmt: skip
     }
     return results
+
+
+def _uncertainty(members: list[LoadedMember], scorer: Scorer, tokens: int) -> dict[str, Any]:
+    """The "uncertainty" and "selective" sections (see the README's schema)."""
+    member_entropy = {m.name: scorer.sums[r, SUMS.entropy] / tokens for r, m in enumerate(members)}
+    if len(members) > 1:
+        means = {name: value / tokens for name, value in scorer.decomposition.items()}
+    else:  # one member: all of its uncertainty is aleatoric
+        (h,) = member_entropy.values()
+        means = {"total": h, "aleatoric": h, "epistemic": 0.0, "pairwise_kl": 0.0}
+    ensemble_row = HEADLINE if len(members) > 1 else None
+    return {
+        "uncertainty": {
+            "unit": "nats per position",
+            "total": means["total"],
+            "aleatoric": means["aleatoric"],
+            "epistemic": means["epistemic"],
+            "expected_pairwise_kl": means["pairwise_kl"],
+            "member_entropy": member_entropy,
+        },
+        "selective": selective_results(scorer.selective, scorer.selective_rows, ensemble_row),
+    }
 
 
 def _curve_point(row: dict[str, Any]) -> dict[str, Any]:
@@ -592,6 +647,53 @@ def _gain(rows: dict[str, Any], members: list[LoadedMember], boot: dict[str, Any
     return out
 
 
+def _out_of_domain(
+    files: tuple[Path, ...],
+    members: list[LoadedMember],
+    scorer: Scorer,
+    data_cfg: DataConfig,
+    eval_cfg: EvalConfig,
+    device: torch.device | str,
+    sharding: Sharding,
+    load: Callable[[DataConfig, str], PreparedData],
+) -> dict[str, Any]:
+    """Each file's blocks scored like the evaluated split's (same members, temperatures and
+    weights), then told apart from them: results.json's "ood" section."""
+    ensemble_row = HEADLINE if len(members) > 1 else None
+
+    def scores(s: Scorer) -> dict[str, dict[str, np.ndarray]]:
+        return block_scores(s.blocks, s.blocks_tokens, s.blocks_epistemic, s.selective_rows, ensemble_row)
+
+    in_domain = scores(scorer)
+    fitted = (np.array([m.temperature for m in members]), scorer.weights)
+    cfg = dataclasses.replace(eval_cfg, bootstrap_samples=0)
+    sets = []
+    for path in files:
+        file_cfg = dataclasses.replace(
+            data_cfg, dataset=None, dataset_config=None, text_column=None, text_template=None,
+            train_files=[], validation_files=[], test_files=[str(path)],
+        )  # fmt: skip
+        try:
+            blocks = load(file_cfg, "test").eval_blocks("test")
+        except EnsembleError as e:
+            raise EnsembleError(f"--ood {path}: {e}") from None
+        logger.info("out-of-domain set %s: %d blocks", path, len(blocks))
+        ood = evaluate_members(members, blocks, cfg, device, sharding, fitted=fitted, keep_blocks=True)
+        out_domain = scores(ood)
+        sets.append({
+            "path": str(path),
+            "blocks": len(next(iter(out_domain.values()))["mean_nll"]),
+            "tokens_evaluated": ood.tokens,
+            "rows": detection(in_domain, out_domain),
+        })  # fmt: skip
+    return {
+        "in_domain": {"blocks": len(next(iter(in_domain.values()))["mean_nll"])},
+        "tpr": TPR,
+        "scores": {name: s.label for name, s in BLOCK_SCORES.items()},
+        "sets": sets,
+    }
+
+
 @contextlib.contextmanager
 def _barrier_main_first(name: str) -> Iterator[None]:
     """main_first with plain barriers (collective timeout), when no Worlds is at hand."""
@@ -606,6 +708,30 @@ def _barrier_main_first(name: str) -> Iterator[None]:
         dist.barrier()
 
 
+@dataclass(frozen=True)
+class EvalOutputs:
+    """What an evaluation adds on request (`launch/evaluate.py` options); none by default."""
+
+    ood: tuple[Path, ...] = ()
+    """Text files to tell apart from the evaluated split (out-of-domain detection, see ood.py)."""
+    tokens_out: Path | None = None
+    """The per-token Parquet export (see tokens.py)."""
+    html: Path | None = None
+    """The HTML view of the first ``html_tokens`` tokens, shaded by epistemic uncertainty."""
+    html_tokens: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.html_tokens < 1:
+            raise EnsembleError(f"--html-tokens {self.html_tokens}: show at least 1 token")
+        for path in self.ood:
+            if not Path(path).is_file():
+                raise EnsembleError(f"--ood: file {path} not found; fix the path")
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.ood or self.tokens_out or self.html)
+
+
 def evaluate(
     member_paths: list[Path],
     data_cfg: DataConfig,
@@ -616,11 +742,17 @@ def evaluate(
     prepared: PreparedData | None = None,
     fit_data_cfg: DataConfig | None = None,
     main_first: Callable[[str], contextlib.AbstractContextManager] | None = None,
+    outputs: EvalOutputs | None = None,
 ) -> dict[str, Any]:
     """Evaluate members and their ensemble on ``split`` of ``data_cfg``, across all processes
     of the current world; the first process writes and prints the results. ``prepared`` reuses
-    data already tokenized by training; fits use ``fit_data_cfg`` (default: ``data_cfg``)."""
+    data already tokenized by training; fits use ``fit_data_cfg`` (default: ``data_cfg``);
+    ``outputs``: the out-of-domain sets and per-token files asked for."""
     import torch.distributed as dist
+
+    outputs = outputs or EvalOutputs()
+    if outputs.requested and not eval_cfg.uncertainty:
+        raise EnsembleError("--ood, --tokens-out and --html need eval.uncertainty=true; remove that override")
 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -647,12 +779,44 @@ def evaluate(
             fit_prepared = load(fit_source, fit_split)
         fit_blocks = fit_prepared.eval_blocks(fit_split)
     blocks = prepared.eval_blocks(split)
-    scorer = evaluate_members(members, blocks, eval_cfg, device, sharding, fit_blocks)
+    n_batches = -(-len(blocks) // eval_cfg.per_device_batch_size)
+    # with --html alone, the tokens go to a temporary export that the page is made from (a name
+    # every process derives alike: each writes its part next to it)
+    html_tokens = outputs.html.with_name(f".{outputs.html.name}.tokens.parquet") if outputs.html else None
+    tokens_path = outputs.tokens_out or html_tokens
+    writer = None
+    if tokens_path is not None and sharding.accumulates:
+        writer = TokenWriter(
+            Path(tokens_path), [m.name for m in members], members[0].tokenizer, members[0].config.vocab_size,
+            sharding.column, sharding.group_size,
+        )  # fmt: skip
+    scorer = evaluate_members(
+        members, blocks, eval_cfg, device, sharding, fit_blocks, keep_blocks=bool(outputs.ood), tokens=writer
+    )
     fingerprint = prepared.fingerprint
     results = results_dict(
         members, scorer, eval_cfg, split, blocks, {"source": fingerprint["source"], **fingerprint["splits"][split]},
         sharding,
     )  # fmt: skip
+    if outputs.ood:
+        results["ood"] = _out_of_domain(
+            outputs.ood, members, scorer, data_cfg, eval_cfg, device, sharding, load
+        )
+        results["ood"]["in_domain"]["split"] = split
+    if rank == 0 and writer is not None:
+        writer.finish(n_batches)
+        if outputs.html:
+            write_html(
+                Path(tokens_path),
+                outputs.html,
+                outputs.html_tokens,
+                title=f"{split} split: where the members disagree",
+            )
+            results["html"] = str(outputs.html)
+        if outputs.tokens_out:
+            results["tokens_out"] = str(outputs.tokens_out)
+        else:
+            Path(tokens_path).unlink()
     if rank == 0:
         json_path, _ = write_results(results, out_dir)
         if eval_cfg.plots:

@@ -231,7 +231,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         uncertainty = decomposition.result() if decomposition is not None else None
         if uncertainty is not None:
             for steps in self._recorders:
-                steps.append(Uncertainty(*(u[:, -1].cpu() for u in uncertainty)))
+                steps.append(uncertainty.map(lambda u: u[:, -1].cpu()))
         loss = None
         if labels is not None:
             loss = torch.nn.functional.nll_loss(

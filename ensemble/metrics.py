@@ -10,7 +10,9 @@ Conventions, checked against brute force in the tests:
 - nll: -log p(target), natural log (inf when the target has probability 0);
 - brier: sum_v p(v)^2 - 2 p(target) + 1 over the full vocabulary;
 - ece: 15 equal-width bins on the top-1 probability; sum over bins of |accuracy - confidence|
-  weighted by the bin's share of tokens.
+  weighted by the bin's share of tokens;
+- entropy: -sum_v p(v) log p(v), with 0 log 0 = 0 (the uncertainty decomposition and selective
+  prediction build on it: see :mod:`selective`).
 """
 
 from __future__ import annotations
@@ -52,10 +54,12 @@ SUMS = Layout(
     ece_count=ECE_BINS,  # tokens per bin of top-1 confidence
     ece_confidence=ECE_BINS,  # sum of the top-1 probability per bin
     ece_correct=ECE_BINS,  # top-1 hits per bin
+    entropy=1,  # of the row's distribution (members, the headline mixture, the first-k mixtures)
 )
 SIZE = SUMS.size
-# Per-position values summed per block for the bootstrap, and the metric each one's mean is.
-BOOT = Layout(correct=1, nll=1)
+# Per-position values summed per block (for the bootstrap, and the out-of-domain block scores),
+# and the bootstrapped metric each one's mean is.
+BOOT = Layout(correct=1, nll=1, entropy=1)
 BOOTSTRAPPED = {"accuracy": "correct", "nll": "nll"}
 
 
@@ -68,6 +72,7 @@ class PositionStats(NamedTuple):
     in_top5: torch.Tensor  # [n] bool: the target's rank (ties by id) is below 5
     target_logp: torch.Tensor  # [n] log p(target)
     square_sum: torch.Tensor  # [n] sum_v p(v)^2
+    entropy: torch.Tensor | None  # [n] -sum_v p(v) log p(v), where the plan asks for it
 
 
 def _top1_and_top5_with_fixups(
@@ -113,6 +118,7 @@ def position_stats(
     branch_free: bool,
     p_out: torch.Tensor | None = None,
     square_out: torch.Tensor | None = None,
+    with_entropy: bool = False,
 ) -> tuple[PositionStats, torch.Tensor]:
     """The per-position quantities of one row from its log-probabilities ``logp`` [n, vocab]
     (float32), and the probabilities exp(logp) for the KL that may follow. ``p_out`` and
@@ -122,7 +128,29 @@ def position_stats(
     pred, best, in_top = top(logp, targets, target_logp)
     p = torch.exp(logp, out=p_out)
     square_sum = torch.mul(p, p, out=square_out).sum(1)
-    return PositionStats(pred, best, pred == targets, in_top, target_logp, square_sum), p
+    entropy = -weighted_sum(p, logp, branch_free, out=square_out) if with_entropy else None
+    return PositionStats(pred, best, pred == targets, in_top, target_logp, square_sum, entropy), p
+
+
+def weighted_sum(
+    p: torch.Tensor, x: torch.Tensor, branch_free: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum_v p(v) x(v) at each position, where a term with p = 0 counts 0 even when x = -inf
+    (0 log 0 = 0). ``out``: an [n, vocab] buffer for the products (``x`` itself may be
+    overwritten, ``p`` not).
+
+    Reduced over the vocabulary in float32 (the caller sums positions in float64: a float64
+    reduction over [positions, vocab] costs ~50x more on CPU). Where p = 0 met x = -inf (only
+    with -inf logits) the product is NaN: those rows are redone with masking (branch-free:
+    every row is masked)."""
+    terms = torch.mul(x, p, out=out)
+    if branch_free:
+        return torch.where(p > 0, terms, 0.0).sum(1)
+    per_position = terms.sum(1)
+    bad = torch.isnan(per_position).nonzero().squeeze(1)
+    if len(bad):
+        per_position[bad] = torch.where(p[bad] > 0, terms[bad], 0.0).sum(1)
+    return per_position
 
 
 def add_row(sums: torch.Tensor, s: PositionStats) -> torch.Tensor:
@@ -139,13 +167,15 @@ def add_row(sums: torch.Tensor, s: PositionStats) -> torch.Tensor:
     sums[SUMS.correct_top5] += s.in_top5.sum()
     sums[SUMS.nll] -= target_logp.sum()
     sums[SUMS.brier] += brier.sum()
+    entropy = s.entropy.double() if s.entropy is not None else torch.zeros_like(target_logp)
+    sums[SUMS.entropy] += entropy.sum()
     for name, values in (
         ("ece_count", torch.ones_like(confidence)),
         ("ece_confidence", confidence),
         ("ece_correct", correct),
     ):
         sums[SUMS[name]] += torch.zeros_like(sums[SUMS[name]]).index_add_(0, bins, values)
-    return per_position(correct=correct, nll=-target_logp)
+    return per_position(correct=correct, nll=-target_logp, entropy=entropy)
 
 
 def per_position(**values: torch.Tensor) -> torch.Tensor:
@@ -153,20 +183,43 @@ def per_position(**values: torch.Tensor) -> torch.Tensor:
     return torch.stack([values[name] for name in BOOT.names], dim=1)
 
 
-def light_stats(logp: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Only top-1 correctness and log p(target), for the ensemble-size curve: one max, one gather."""
+class LightStats(NamedTuple):
+    """What a row of the ensemble-size curve gives at each position."""
+
+    correct: torch.Tensor  # [n] bool, top-1
+    target_logp: torch.Tensor  # [n]
+    entropy: torch.Tensor | None  # [n], where the plan asks for it
+
+
+def light_stats(
+    logp: torch.Tensor,
+    targets: torch.Tensor,
+    branch_free: bool,
+    with_entropy: bool = False,
+    p_out: torch.Tensor | None = None,
+) -> LightStats:
+    """Only top-1 correctness, log p(target) and (optionally) the entropy, for the
+    ensemble-size curve: one max, one gather (and an exp into ``p_out``; ``logp`` is then
+    overwritten when it is a buffer)."""
     correct = logp.argmax(dim=1) == targets  # argmax returns the first maximum
-    return correct, logp.gather(1, targets[:, None]).squeeze(1)
+    target_logp = logp.gather(1, targets[:, None]).squeeze(1)
+    entropy = None
+    if with_entropy:
+        p = torch.exp(logp, out=p_out)
+        entropy = -weighted_sum(p, logp, branch_free, out=logp if p_out is not None else None)
+    return LightStats(correct, target_logp, entropy)
 
 
-def add_light(sums: torch.Tensor, correct: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
-    """Add :func:`light_stats` to a row's tokens, top-1 and NLL sums. Returns per-position
-    [correct, nll] as float64, like :func:`add_row`."""
-    correct, target_logp = correct.double(), target_logp.double()
+def add_light(sums: torch.Tensor, s: LightStats) -> torch.Tensor:
+    """Add :func:`light_stats` to a row's tokens, top-1, NLL and entropy sums. Returns the
+    per-position values like :func:`add_row`."""
+    correct, target_logp = s.correct.double(), s.target_logp.double()
+    entropy = s.entropy.double() if s.entropy is not None else torch.zeros_like(target_logp)
     sums[SUMS.tokens] += len(target_logp)
     sums[SUMS.correct] += correct.sum()
     sums[SUMS.nll] -= target_logp.sum()
-    return per_position(correct=correct, nll=-target_logp)
+    sums[SUMS.entropy] += entropy.sum()
+    return per_position(correct=correct, nll=-target_logp, entropy=entropy)
 
 
 def row_result(sums: np.ndarray) -> dict[str, float | int]:
@@ -223,18 +276,6 @@ def kl_per_position(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(p || q) = sum_v p (log p - log q) at each position, 0 log 0 = 0 (``out``: an
-    [n, vocab] buffer to use).
-
-    Reduced over the vocabulary in float32 (the terms are small and mostly of one sign); the
-    caller sums positions in float64 (a float64 reduction over [positions, vocab] costs ~50x more
-    on CPU). Where p = 0 met log p = -inf (only with -inf logits) the product is NaN: those rows
-    are redone with masking (branch-free: every row is masked)."""
-    terms = torch.sub(logp, logq, out=out).mul_(p)
-    if branch_free:
-        return torch.where(p > 0, terms, 0.0).sum(1)
-    per_position = terms.sum(1)
-    bad = torch.isnan(per_position).nonzero().squeeze(1)
-    if len(bad):
-        pb = p[bad]
-        per_position[bad] = torch.where(pb > 0, pb * (logp[bad] - logq[bad]), 0.0).sum(1)
-    return per_position
+    [n, vocab] buffer to use). The terms are small and mostly of one sign, so the float32
+    reduction of :func:`weighted_sum` is accurate."""
+    return weighted_sum(p, torch.sub(logp, logq, out=out), branch_free, out=out)

@@ -1,4 +1,5 @@
-"""results.json, results.md and the plots (ensemble_size.png, reliability.png)."""
+"""results.json, results.md and the plots (ensemble_size.png, reliability.png, risk_coverage.png,
+ood.png)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 SIZE_PLOT = "ensemble_size.png"
 RELIABILITY_PLOT = "reliability.png"
+RISK_COVERAGE_PLOT = "risk_coverage.png"
+OOD_PLOT = "ood.png"
+
+
+def _label(name: str) -> str:
+    """A row's name for tables and legends: a member's own, a combiner's label."""
+    return COMBINERS[name].label.replace("*", "") if name in COMBINERS else name
 
 
 def _ci(row: dict[str, Any], key: str, digits: int) -> str:
@@ -73,9 +81,61 @@ def format_table(results: dict[str, Any]) -> str:
             f"Diversity: mean member NLL - ensemble NLL = {div['nll_gap']:.4f}; mean KL(member || mixture) = "
             f"{div['mean_kl_to_mixture']:.4f} nats; pairwise top-1 disagreement {div['disagreement']['mean']:.4f}."
         )
-        lines += ["", "| Members (first k) | Accuracy | Perplexity |", "| ---: | ---: | ---: |"]
-        lines += [f"| {p['k']} | {p['accuracy']:.4f} | {p['perplexity']:.3f} |" for p in results["curve"]]
+        epistemic = "epistemic" in results["curve"][0]
+        lines += [
+            "",
+            "| Members (first k) | Accuracy | Perplexity |" + (" Epistemic (nats) |" if epistemic else ""),
+            "| ---: | ---: | ---: |" + (" ---: |" if epistemic else ""),
+        ]
+        lines += [
+            f"| {p['k']} | {p['accuracy']:.4f} | {p['perplexity']:.3f} |"
+            + (f" {p['epistemic']:.4f} |" if epistemic else "")
+            for p in results["curve"]
+        ]
+    lines += _uncertainty_lines(results)
     return "\n".join(lines) + "\n"
+
+
+def _uncertainty_lines(results: dict[str, Any]) -> list[str]:
+    """The decomposition, selective prediction and (with --ood) out-of-domain detection."""
+    u, selective = results.get("uncertainty"), results.get("selective")
+    if not u or not selective:
+        return []
+    lines = [
+        "",
+        f"Uncertainty (nats per token): total {u['total']:.4f} = aleatoric {u['aleatoric']:.4f} + "
+        f"epistemic {u['epistemic']:.4f} (mutual information); expected pairwise KL between members "
+        f"{u['expected_pairwise_kl']:.4f}.",
+        "",
+        "Selective prediction: AURC (mean top-1 error over all coverages; lower is better) when "
+        "positions are ranked by each confidence score, and the accuracy of the most confident "
+        "50/80/90% by max probability.",
+        "",
+        "| Model | AURC: max probability | AURC: -entropy | AURC: -mutual information | Acc@50% | Acc@80% | Acc@90% |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row, scores in selective["rows"].items():
+        aurc = [f"{scores[s]['aurc']:.4f}" if s in scores else "" for s in selective["scores"]]
+        at = scores["max_prob"]["accuracy_at"]
+        lines.append(
+            f"| {_label(row)} | {' | '.join(aurc)} | {at['0.5']:.4f} | {at['0.8']:.4f} | {at['0.9']:.4f} |"
+        )
+    for ood in (results.get("ood") or {}).get("sets", []):
+        lines += [
+            "",
+            f"Out-of-domain: {ood['path']} ({ood['blocks']:,} blocks) against the {results['split']} split "
+            f"({results['ood']['in_domain']['blocks']:,} blocks): AUROC / FPR at 95% TPR per block score.",
+            "",
+            "| Model | " + " | ".join(results["ood"]["scores"].values()) + " |",
+            "| --- |" + " ---: |" * len(results["ood"]["scores"]),
+        ]
+        for row, scores in ood["rows"].items():
+            cells = [
+                f"{scores[s]['auroc']:.3f} / {scores[s]['fpr_at_95_tpr']:.3f}" if s in scores else ""
+                for s in results["ood"]["scores"]
+            ]
+            lines.append(f"| {_label(row)} | {' | '.join(cells)} |")
+    return lines
 
 
 def _json_safe(obj: Any) -> Any:
@@ -110,12 +170,18 @@ def write_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
     written = []
     curve = results["curve"]
     ks = [p["k"] for p in curve]
-    fig, (ax_acc, ax_ppl) = plt.subplots(1, 2, figsize=(9, 3.6))
+    epistemic = "epistemic" in curve[0]
+    fig, axes = plt.subplots(1, 3 if epistemic else 2, figsize=(13 if epistemic else 9, 3.6))
+    ax_acc, ax_ppl = axes[0], axes[1]
     ax_acc.plot(ks, [p["accuracy"] for p in curve], marker="o")
     ax_acc.set(xlabel="members in the ensemble (first k)", ylabel="top-1 accuracy", title="Accuracy")
     ax_ppl.plot(ks, [p["perplexity"] for p in curve], marker="o", color="tab:red")
     ax_ppl.set(xlabel="members in the ensemble (first k)", ylabel="perplexity", title="Perplexity")
-    for ax in (ax_acc, ax_ppl):
+    if epistemic:
+        axes[2].plot(ks, [p["epistemic"] for p in curve], marker="o", color="tab:purple")
+        axes[2].set(xlabel="members in the ensemble (first k)", ylabel="nats per token",
+                    title="Epistemic uncertainty (mutual information)")  # fmt: skip
+    for ax in axes:
         ax.set_xticks(ks)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -127,8 +193,7 @@ def write_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
     for name, rel in results["reliability"]["rows"].items():
         points = [(c, a) for c, a in zip(rel["confidence"], rel["accuracy"], strict=True) if c is not None]
         if points:
-            label = COMBINERS[HEADLINE].label.replace("*", "") if name == HEADLINE else name
-            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label,
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=_label(name),
                     linewidth=2 if name == HEADLINE else 1)  # fmt: skip
     ax.set(xlabel="confidence (top-1 probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
            title="Reliability (15 bins)")  # fmt: skip
@@ -137,7 +202,58 @@ def write_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
     fig.tight_layout()
     written.append(_save(fig, out / RELIABILITY_PLOT))
     plt.close(fig)
+    if results.get("selective"):
+        written.append(_risk_coverage_plot(plt, results["selective"], out / RISK_COVERAGE_PLOT))
+    if results.get("ood"):
+        written.append(_ood_plot(plt, results["ood"], out / OOD_PLOT))
     return written
+
+
+def _risk_coverage_plot(plt: Any, selective: dict[str, Any], path: Path) -> Path:
+    """One panel per confidence score: every row's risk against coverage, AURC in the legend."""
+    scores = selective["scores"]
+    fig, axes = plt.subplots(1, len(scores), figsize=(4.4 * len(scores), 3.8), squeeze=False)
+    for ax, (score, label) in zip(axes[0], scores.items(), strict=True):
+        for row, by_score in selective["rows"].items():
+            if score in by_score:
+                ensemble = row == HEADLINE
+                ax.plot(selective["coverage"], by_score[score]["risk"], linewidth=2 if ensemble else 1,
+                        label=f"{_label(row)} (AURC {by_score[score]['aurc']:.3f})")  # fmt: skip
+        ax.set(xlabel="coverage (most confident first)", ylabel="top-1 error among those kept",
+               title=f"Ranked by {label}", xlim=(0, 1))  # fmt: skip
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _ood_plot(plt: Any, ood: dict[str, Any], path: Path) -> Path:
+    """Per out-of-domain set (rows) and block score (columns): the ensemble's histograms of
+    in-domain and out-of-domain blocks, AUROC in the title."""
+    sets, scores = ood["sets"], ood["scores"]
+    fig, axes = plt.subplots(
+        len(sets), len(scores), figsize=(4.4 * len(scores), 3.2 * len(sets)), squeeze=False
+    )
+    for r, ood_set in enumerate(sets):
+        row = HEADLINE if HEADLINE in ood_set["rows"] else next(iter(ood_set["rows"]))
+        for ax, (score, label) in zip(axes[r], scores.items(), strict=True):
+            if score not in ood_set["rows"][row]:
+                ax.axis("off")
+                continue
+            d = ood_set["rows"][row][score]
+            edges = d["histogram"]["edges"]
+            for key, color in (("in_domain", "tab:blue"), ("out_of_domain", "tab:red")):
+                ax.stairs(d["histogram"][key], edges, fill=True, alpha=0.45, color=color,
+                          label=key.replace("_", "-"))  # fmt: skip
+            ax.set(xlabel=f"{label} per block", ylabel="blocks",
+                   title=f"{Path(ood_set['path']).name}: AUROC {d['auroc']:.3f}")  # fmt: skip
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -32,6 +32,7 @@ from .metrics import (
     BOOT,
     SIZE,
     SUMS,
+    LightStats,
     PositionStats,
     add_light,
     add_row,
@@ -39,7 +40,10 @@ from .metrics import (
     light_stats,
     poisson_weights,
     position_stats,
+    weighted_sum,
 )
+from .selective import BINS, SCORES, bin_of
+from .uncertainty import Uncertainty
 
 # --------------------------------------------------------------------------------------------
 # Buffers
@@ -85,13 +89,15 @@ class ScorePlan:
     combiners: tuple[str, ...]
     log_weights: tuple[float, ...] | None  # fitted, for the combiners that need them
     branch_free: bool  # the exact tie rules without host synchronisation (see metrics)
+    uncertainty: bool = True  # entropies, the decomposition and the pairwise KL (eval.uncertainty)
 
 
 class ChunkScores(NamedTuple):
     members: list[PositionStats]
     combined: dict[str, PositionStats]  # by combiner name
-    curve: dict[int, tuple[torch.Tensor, torch.Tensor]]  # k -> (correct, log p(target)) of the first k
+    curve: dict[int, LightStats]  # k -> the mixture of the first k
     kl: list[torch.Tensor]  # per member: KL(p_i || mixture) at each position
+    uncertainty: Uncertainty | None  # with plan.uncertainty and two members or more
 
 
 def _scaled_logits(i: int, logits: torch.Tensor, temperature: float, ws: Workspace | None) -> torch.Tensor:
@@ -120,8 +126,8 @@ def chunk_scores(
     def buf(name: str) -> torch.Tensor | None:
         return ws.get(name, rows, vocab) if ws is not None else None
 
-    def stats(logp: torch.Tensor) -> tuple[PositionStats, torch.Tensor]:
-        return position_stats(logp, targets, plan.branch_free, buf("p"), buf("tmp"))
+    def stats(logp: torch.Tensor, with_entropy: bool = False) -> tuple[PositionStats, torch.Tensor]:
+        return position_stats(logp, targets, plan.branch_free, buf("p"), buf("tmp"), with_entropy)
 
     others = [COMBINERS[c] for c in plan.combiners if c != HEADLINE] if n > 1 else []
     log_weights = np.array(plan.log_weights) if plan.log_weights is not None else None
@@ -138,21 +144,32 @@ def chunk_scores(
             acc.add(z)
         logps.append(_log_softmax(z, ws))
     if n == 1:
-        return ChunkScores([stats(logps[0])[0]], {}, {}, [])
+        return ChunkScores([stats(logps[0], plan.uncertainty)[0]], {}, {}, [], None)
 
     mixture = MeanProb(out=buf("mixture"))
     curve = {}
     for k, lp in enumerate(logps, start=1):
         mixture.add(lp)
-        if 2 <= k < n:  # the curve needs accuracy and NLL only
-            curve[k] = light_stats(mixture.logprobs(out=buf("tmp")), targets)
+        if 2 <= k < n:  # the curve needs accuracy, NLL and entropy only
+            curve[k] = light_stats(
+                mixture.logprobs(out=buf("tmp")), targets, plan.branch_free, plan.uncertainty, buf("p")
+            )
     mix = mixture.result()  # in place: no member is added any more
-    combined = {HEADLINE: stats(mix)[0]}
+    headline, p_mix = stats(mix, plan.uncertainty)
+    combined = {HEADLINE: headline}
+    # sum_j sum_v m(v) log p_j(v), m the mixture, while its probabilities are in their buffer:
+    # the pairwise KL's cross term (see _decompose)
+    cross = (
+        sum(weighted_sum(p_mix, lp, plan.branch_free, out=buf("tmp")) for lp in logps)
+        if plan.uncertainty
+        else None
+    )
     members, kl = [], []
     for lp in logps:
-        row, p = stats(lp)
+        row, p = stats(lp, plan.uncertainty)
         members.append(row)
         kl.append(kl_per_position(p, lp, mix, plan.branch_free, out=buf("tmp")))
+    uncertainty = _decompose(headline, members, cross) if cross is not None else None
     for c, acc in zip(of_logits, logit_accs, strict=True):
         combined[c.name] = stats(acc.result())[0]
     for c in others:
@@ -161,7 +178,21 @@ def chunk_scores(
             for lp in logps:
                 acc.add(lp, tmp=buf("tmp"))
             combined[c.name] = stats(acc.result())[0]
-    return ChunkScores(members, combined, curve, kl)
+    return ChunkScores(members, combined, curve, kl, uncertainty)
+
+
+def _decompose(mixture: PositionStats, members: list[PositionStats], cross: torch.Tensor) -> Uncertainty:
+    """total, aleatoric, epistemic and the mean pairwise KL from the entropies.
+
+    Over the N(N-1) ordered pairs, sum_{i,j} KL(p_i || p_j) = -N sum_i H_i - N sum_v m sum_j log p_j
+    (m the mixture), so the mean is (-sum_i H_i - cross) / (N - 1): N passes over the vocabulary
+    instead of N(N-1). It is +inf where a member gives 0 to a token another member predicts."""
+    n = len(members)
+    entropies = torch.stack([m.entropy for m in members])
+    aleatoric = entropies.mean(0)
+    total = mixture.entropy
+    pairwise = ((-entropies.sum(0) - cross) / (n - 1)).clamp_min(0.0)
+    return Uncertainty(total, aleatoric, (total - aleatoric).clamp_min(0.0), pairwise)
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,6 +220,7 @@ class Scorer:
         compile: bool | str = False,
         precision: str = FLOAT32,
         branch_free: bool | None = None,
+        uncertainty: bool = True,
     ):
         n = len(member_names)
         self.member_names, self.combiners = list(member_names), list(combiners)
@@ -203,6 +235,19 @@ class Scorer:
         self._sums = torch.zeros((len(self.rows), SIZE), dtype=torch.float64, device=self.device)
         self._kl = torch.zeros(1, dtype=torch.float64, device=self.device)  # sum_t mean_i KL(p_i || mix)
         self._disagree = torch.zeros(len(self.pairs), dtype=torch.float64, device=self.device)
+        # the uncertainty decomposition's sums, and selective prediction's histograms, for the
+        # members and the ensemble (the headline combination)
+        self._decomposition = torch.zeros(len(Uncertainty._fields), dtype=torch.float64, device=self.device)
+        self.selective_rows = list(self.member_names) + ([HEADLINE] if n > 1 else [])
+        self._selective = torch.zeros(
+            (len(self.selective_rows), len(SCORES), 2, BINS) if uncertainty else (0,),
+            dtype=torch.float64, device=self.device,
+        )  # fmt: skip
+        self._block_epistemic: torch.Tensor | None = None  # [blocks of the batch]
+        # per-block sums of the whole split, kept only for out-of-domain detection (keep_blocks)
+        self.blocks: np.ndarray | None = None  # [blocks, selective rows, BOOT.size]
+        self.blocks_tokens: np.ndarray | None = None
+        self.blocks_epistemic: np.ndarray | None = None
         self.boot_tokens = np.zeros(self.bootstrap_samples)
         self.boot = np.zeros((self.bootstrap_samples, len(self.rows), BOOT.size))  # see metrics.BOOT
         self._block: torch.Tensor | None = None  # [blocks of the batch, rows, BOOT.size]
@@ -214,6 +259,7 @@ class Scorer:
             combiners=tuple(self.combiners),
             log_weights=tuple(float(w) for w in np.log(weights)) if weights is not None else None,
             branch_free=(compiled or self.device.type != "cpu") if branch_free is None else branch_free,
+            uncertainty=uncertainty,
         )
         self._workspace = None if compiled else Workspace(self.device)
         self._chunk_scores = (
@@ -240,6 +286,24 @@ class Scorer:
     def disagree(self) -> np.ndarray:
         return self._disagree.cpu().numpy()
 
+    @property
+    def decomposition(self) -> dict[str, float]:
+        """Sums over positions of the ensemble's total, aleatoric and epistemic uncertainty and
+        of the mean pairwise KL (zeros with one member or without eval.uncertainty)."""
+        return dict(zip(Uncertainty._fields, self._decomposition.cpu().tolist(), strict=True))
+
+    @property
+    def selective(self) -> np.ndarray:
+        """[selective rows, scores, (positions, top-1 hits), bins]: see :mod:`selective`."""
+        return self._selective.cpu().numpy()
+
+    def keep_blocks(self, n_blocks: int) -> None:
+        """Keep every block's sums (for the out-of-domain block scores): a few numbers per block
+        and row, never per token."""
+        self.blocks = np.zeros((n_blocks, len(self.selective_rows), BOOT.size))
+        self.blocks_tokens = np.zeros(n_blocks)
+        self.blocks_epistemic = np.zeros(n_blocks)
+
     def workspace(self, member: int, rows: int, vocab: int) -> torch.Tensor | None:
         """The buffer that member ``member``'s logits for a chunk of ``rows`` positions should
         be written to, or None when chunks are compiled (the compiler plans memory)."""
@@ -253,34 +317,60 @@ class Scorer:
     def begin_batch(self, n_blocks: int, device: torch.device | str) -> None:
         self._block = torch.zeros((n_blocks, len(self.rows), BOOT.size), dtype=torch.float64, device=device)
         self._block_tokens = torch.zeros(n_blocks, dtype=torch.float64, device=device)
+        self._block_epistemic = torch.zeros(n_blocks, dtype=torch.float64, device=device)
 
     def _add(self, name: str, stats: PositionStats, block_of: torch.Tensor) -> None:
         r = self.index[name]
         self._block[:, r].index_add_(0, block_of, add_row(self._sums[r], stats))
 
-    def score(self, logits: list[torch.Tensor], targets: torch.Tensor, block_of: torch.Tensor) -> None:
+    def score(self, logits: list[torch.Tensor], targets: torch.Tensor, block_of: torch.Tensor) -> ChunkScores:
         """Add a chunk: every member's ``logits`` [n, vocab], the ``targets`` [n] and the
-        batch-local block of each position [n]."""
-        n = len(logits)
+        batch-local block of each position [n]. Returns the chunk's per-position values."""
+        n, vocab = len(logits), logits[0].shape[1]
         self._block_tokens.index_add_(0, block_of, torch.ones_like(targets, dtype=torch.float64))
         out = self._chunk_scores(logits, targets, self.plan, self._workspace)
         for name, stats in zip(self.member_names, out.members, strict=True):
             self._add(name, stats, block_of)
         for name, stats in out.combined.items():
             self._add(name, stats, block_of)
-        for k, (correct, target_logp) in out.curve.items():
+        for k, light in out.curve.items():
             r = self.index[f"first-{k}"]
-            self._block[:, r].index_add_(0, block_of, add_light(self._sums[r], correct, target_logp))
+            self._block[:, r].index_add_(0, block_of, add_light(self._sums[r], light))
         for per_position in out.kl:
             self._kl += per_position.double().sum() / n
         for q, (i, j) in enumerate(self.pairs):
             self._disagree[q] += (out.members[i].pred != out.members[j].pred).sum()
+        if self.plan.uncertainty:
+            self._add_uncertainty(out, block_of, vocab)
+        return out
+
+    def _add_uncertainty(self, out: ChunkScores, block_of: torch.Tensor, vocab: int) -> None:
+        u = out.uncertainty
+        if u is not None:
+            for f, values in enumerate(u):
+                self._decomposition[f] += values.double().sum()
+            self._block_epistemic.index_add_(0, block_of, u.epistemic.double())
+        rows = out.members + ([out.combined[HEADLINE]] if u is not None else [])
+        for r, stats in enumerate(rows):
+            is_ensemble = self.selective_rows[r] == HEADLINE
+            correct = stats.correct.double()
+            for s, score in enumerate(SCORES.values()):
+                if score.ensemble_only and not is_ensemble:
+                    continue
+                bins = bin_of(score.of(stats, u), score.upper(vocab, self.plan.members))
+                self._selective[r, s, 0].index_add_(0, bins, torch.ones_like(correct))
+                self._selective[r, s, 1].index_add_(0, bins, correct)
 
     def end_batch(self, first_block: int) -> None:
         """Fold the batch's per-block sums into the bootstrap replicates (the one host
         synchronisation per batch)."""
         stats, tokens = self._block.cpu().numpy(), self._block_tokens.cpu().numpy()
-        self._block = self._block_tokens = None
+        if self.blocks is not None:
+            mine = slice(first_block, first_block + len(stats))
+            self.blocks[mine] = stats[:, [self.index[r] for r in self.selective_rows]]
+            self.blocks_tokens[mine] = tokens
+            self.blocks_epistemic[mine] = self._block_epistemic.cpu().numpy()
+        self._block = self._block_tokens = self._block_epistemic = None
         if not self.bootstrap_samples:
             return
         w = poisson_weights(
@@ -292,18 +382,28 @@ class Scorer:
             weighted = np.where(w[:, :, None, None] > 0, w[:, :, None, None] * stats[None], 0.0)
         self.boot += weighted.sum(axis=1)
 
+    def _state(self) -> tuple[list[torch.Tensor], list[str]]:
+        """What the all-reduce adds up: the sums on the device, then the arrays on the host
+        (by attribute name; the per-block ones only when kept)."""
+        host = ["boot_tokens", "boot"] + (
+            ["blocks", "blocks_tokens", "blocks_epistemic"] if self.blocks is not None else []
+        )
+        return [self._sums, self._kl, self._disagree, self._decomposition, self._selective], host
+
     def pack(self) -> np.ndarray:
+        device, host = self._state()
         return np.concatenate(
-            [self.sums.ravel(), self.kl, self.disagree, self.boot_tokens, self.boot.ravel()]
+            [t.cpu().numpy().ravel() for t in device] + [getattr(self, name).ravel() for name in host]
         )
 
     def unpack(self, flat: np.ndarray) -> None:
-        sizes = [self._sums.numel(), 1, self._disagree.numel(), self.boot_tokens.size, self.boot.size]
+        device, host = self._state()
+        sizes = [t.numel() for t in device] + [getattr(self, name).size for name in host]
         parts = np.split(flat, np.cumsum(sizes)[:-1])
-        for tensor, part in zip((self._sums, self._kl, self._disagree), parts[:3], strict=True):
+        for tensor, part in zip(device, parts, strict=False):
             tensor.copy_(torch.from_numpy(part.reshape(tensor.shape)))
-        self.boot_tokens = parts[3]
-        self.boot = parts[4].reshape(self.boot.shape)
+        for name, part in zip(host, parts[len(device) :], strict=True):
+            setattr(self, name, part.reshape(getattr(self, name).shape))
 
 
 def log_probs_of_targets(

@@ -14,17 +14,24 @@ Members are added one at a time, so no [N, ..., vocab] stack is ever held.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 
 class Uncertainty(NamedTuple):
-    """Per position, in nats."""
+    """Per position, in nats. ``pairwise_kl``: the mean KL(p_i || p_j) over ordered pairs of
+    members, where it was computed (the evaluator)."""
 
     total: torch.Tensor
     aleatoric: torch.Tensor
     epistemic: torch.Tensor
+    pairwise_kl: torch.Tensor | None = None
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Uncertainty:
+        """The same with ``fn`` applied to every value present (e.g. a position, a device)."""
+        return Uncertainty(*(None if x is None else fn(x) for x in self))
 
 
 def entropy(logp: torch.Tensor) -> torch.Tensor:

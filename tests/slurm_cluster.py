@@ -167,11 +167,13 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def logs(self) -> str:
-        out = []
-        for path in sorted((self.dir / "log").glob("*")):
-            tail = path.read_text(errors="replace").splitlines()[-15:]
-            out.append(f"--- {path.name}\n" + "\n".join(tail))
-        return "\n".join(out)
+        return "\n".join(self.log_tail(path.name) for path in sorted((self.dir / "log").glob("*")))
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        """The last lines of one daemon's log (e.g. ``slurmctld.log``), under its name."""
+        path = self.dir / "log" / name
+        tail = path.read_text(errors="replace").splitlines()[-lines:] if path.is_file() else []
+        return f"--- {name}\n" + "\n".join(tail)
 
     # ---------------------------------------------------------------------------------------
 
@@ -198,7 +200,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def wait(self, job_ids: list[str], timeout: float, release_requeued: bool = True) -> None:
         """Until none of these jobs is pending or running. Slurm holds a requeued job for about two
-        minutes before it may start again; with ``release_requeued`` it is let go at once."""
+        minutes before it may start again; with ``release_requeued`` it is let go as soon as both
+        nodes are idle again, i.e. once the nodes have cleaned up after its previous attempt (a
+        real cluster's two minutes leave that time; starting it sooner is a race of our making)."""
         deadline = time.monotonic() + timeout
         while True:
             jobs = [j for i in job_ids for j in self.job(i)]
@@ -209,7 +213,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             ]
             if not live:
                 return
-            if release_requeued:
+            if release_requeued and self._nodes_idle():
                 for j in live:
                     if j["JobState"] == "PENDING" and j.get("Reason") == "BeginTime":
                         self.run(["scontrol", "update", f"JobId={j['JobId']}", "StartTime=now"], check=False)

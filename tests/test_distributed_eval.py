@@ -3,7 +3,9 @@
 Data-sharded with 2 and 3 processes (uneven shards, and fewer batches than processes) and
 member-sharded (one group per member; groups of 1 and of 2 processes). Every number in
 results.json must equal the single-process one to 1e-6 relative, token counts exactly,
-including fitted temperatures and weights, intervals and the ensemble-size curve.
+including fitted temperatures and weights, intervals, the ensemble-size curve, the uncertainty
+decomposition, selective prediction and out-of-domain detection (--ood); and the per-token
+export (--tokens-out) must hold the same rows.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ensemble.config import DataConfig, EvalConfig, ExperimentConfig, ModelConfig
@@ -22,7 +25,7 @@ from ensemble.tokenization import load_tokenizer
 from .conftest import PYTHON, REPO
 
 pytestmark = pytest.mark.slow
-IGNORED = {"created", "processes", "mode", "path"}
+IGNORED = {"created", "processes", "mode", "path", "tokens_out"}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +39,7 @@ def setup(tmp_path_factory, sherlock, datasets_cache):
         "test": (16000, 40000),
     }.items():
         (root / f"{name}.txt").write_text(text[start:stop])
+    (root / "ood.txt").write_text(text[60000:66000])
     model_cfg = ModelConfig(
         gpt2_config={"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32}, tokenizer="byte"
     )
@@ -61,18 +65,35 @@ def setup(tmp_path_factory, sherlock, datasets_cache):
 def _evaluate(setup, procs: int, out: Path, members: list[Path], *overrides: str) -> dict:
     root, _, cfg_path = setup
     args = ["launch/evaluate.py", "--members", *map(str, members), "--config", str(cfg_path), "--output", str(out),
-            *overrides]  # fmt: skip
+            "--ood", str(root / "ood.txt"), "--tokens-out", str(out / "tokens.parquet"), *overrides]  # fmt: skip
     if procs == 1:
         cmd = [PYTHON, *args]
     else:
         cmd = [str(Path(PYTHON).with_name("torchrun")), "--nproc_per_node", str(procs), *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    results["tokens_table"] = tokens_table(out / "tokens.parquet")
+    assert not list(out.glob(".*"))  # no part files left
+    return results
+
+
+def tokens_table(path: Path) -> dict:
+    """The per-token export as {column: array}; floats compare to 1e-6 like every other number."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
 def assert_same(a, b, where: str = "") -> int:
     """Every number equal to 1e-6 relative (integers exactly); returns how many were compared."""
+    if isinstance(a, np.ndarray):  # a column of the token export
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-12, err_msg=where)
+        else:
+            assert np.array_equal(a, b), where
+        return a.size
     if isinstance(a, dict):
         assert set(a) == set(b), where
         return sum(assert_same(a[k], b[k], f"{where}.{k}") for k in a if k not in IGNORED)

@@ -275,3 +275,33 @@ def test_torchrun_processes_form_one_job_on_cpu(tmp_path, datasets_cache):
         training = json.loads((out / "members" / f"member-{i}" / "member.json").read_text())["training"]
         assert (training["processes"], training["ranks"], training["steps"]) == (2, [0, 1], 3)
     assert proc.stdout.count("| **Ensemble**") == 1  # evaluated once, by the main process
+
+
+def test_out_of_domain_detection_on_the_trained_run(run_dir, sherlock, tmp_path):
+    """A text against itself scores AUROC 0.5 for every score and row (the same blocks); against
+    the same tokens shuffled, the ensemble's mean NLL per block tells them apart."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    book = tmp_path / "book.txt"
+    book.write_text(sherlock.read_text()[:40_000])
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "members" / "member-0")
+    ids = np.array(tokenizer(book.read_text())["input_ids"])
+    np.random.default_rng(0).shuffle(ids)
+    shuffled = tmp_path / "shuffled.txt"
+    shuffled.write_text(tokenizer.decode(ids.tolist()))
+    out = tmp_path / "out"
+    _run([PYTHON, "launch/evaluate.py", str(run_dir), "--data", str(book), "--ood", str(book), str(shuffled),
+          "--output", str(out), "eval.bootstrap_samples=0"])  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    same, other = results["ood"]["sets"]
+    assert same["blocks"] == results["ood"]["in_domain"]["blocks"] > 50
+    assert {s["auroc"] for row in same["rows"].values() for s in row.values()} == {0.5}
+    ensemble = other["rows"]["mean_prob"]
+    assert ensemble["mean_nll"]["auroc"] > 0.95 and ensemble["mean_nll"]["fpr_at_95_tpr"] < 0.3, ensemble
+    assert (out / "ood.png").stat().st_size > 10_000
+    # the uncertainty decomposition adds up, and the members disagree somewhat
+    u = results["uncertainty"]
+    assert u["total"] == pytest.approx(u["aleatoric"] + u["epistemic"], rel=1e-5)
+    assert 0 < u["epistemic"] < u["total"]
+    assert u["epistemic"] == pytest.approx(results["diversity"]["mean_kl_to_mixture"], rel=1e-4)

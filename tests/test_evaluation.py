@@ -22,7 +22,7 @@ from ensemble.data import EvalBlocks
 from ensemble.errors import EnsembleError
 from ensemble.evaluation import Scorer, evaluate_members, load_members, results_dict
 from ensemble.members import MemberSpec, build_model, fit_model_config, load_model_config, save_member
-from ensemble.metrics import ECE_BINS, poisson_weights, row_result
+from ensemble.metrics import ECE_BINS, SUMS, poisson_weights, row_result
 from ensemble.tokenization import load_tokenizer
 
 # --------------------------------------------------------------------------------------------
@@ -167,6 +167,14 @@ def test_every_row_matches_brute_force(quantised, mode):
             continue
         assert_row(got, want, ambiguous=ambiguous)
     assert math.isinf(row_result(scorer.sums[scorer.index["m1"]])["nll"])  # impossible targets
+    # the entropies of the uncertainty decomposition (tests/test_uncertainty_eval.py checks the
+    # rest): every form, the compiled one included
+    for name in ("m0", "m1", "m2", "mean_prob", "first-2"):
+        h = -np.where(expected[name] > 0, expected[name] * np.log(np.where(expected[name] > 0, expected[name], 1)), 0)
+        assert scorer.sums[scorer.index[name], SUMS.entropy] == pytest.approx(h.sum(), rel=1e-5), name
+    mean_members = np.mean([scorer.sums[scorer.index[f"m{i}"], SUMS.entropy] for i in range(3)])
+    total = scorer.sums[scorer.index["mean_prob"], SUMS.entropy]
+    assert scorer.decomposition["epistemic"] == pytest.approx(total - mean_members, rel=1e-4)
     if quantised:  # ties really happened in the members' argmax
         assert any((x[t] == x[t].max()).sum() > 1 for x in logits for t in range(len(y)))
 

@@ -100,6 +100,13 @@ def job_log(pattern: str) -> str:
     return path.read_text(errors="replace")
 
 
+def own_lines(log: str, keep: int = 40) -> str:
+    """The last lines a job's scripts and our code wrote themselves (timestamped, or errors),
+    without the launchers' tracebacks and the progress bars."""
+    mine = re.compile(r"^(\d\d:\d\d:\d\d |srun: |scontrol: |slurmstepd: )|rror")
+    return "\n".join([line for line in log.splitlines() if mine.search(line)][-keep:])
+
+
 def states(slurm: LocalSlurm, job: str) -> list[str]:
     return sorted(j["JobState"] for j in slurm.job(job))
 
@@ -283,9 +290,13 @@ def test_multinode_job_checkpoints_on_the_warning_signal_requeues_and_resumes(sl
     slurm.wait([train, evaluation], timeout=600)
 
     log = job_log(f"ensemble-train-{train}.out")
-    # on failure: the job's output, its record and the daemons' logs (why Slurm failed a restart)
+    eval_log = job_log(f"ensemble-eval-{evaluation}.out")
+    # on failure: the jobs' records, the daemons' logs, the jobs' own lines (not the launchers'
+    # tracebacks) and the controller's log (why Slurm failed a job or a restart), the most
+    # telling last (a long report may be cut in its middle)
     assert states(slurm, train) == ["COMPLETED"] and states(slurm, evaluation) == ["COMPLETED"], (
-        f"{log[-4000:]}\n{slurm.job(train)}\n{slurm.logs()}"
+        f"{slurm.job(train)}\n{slurm.job(evaluation)}\n{slurm.logs()}\n--- evaluation job\n{eval_log[-2000:]}\n"
+        f"--- training job (its own lines)\n{own_lines(log)}\n{slurm.log_tail('slurmctld.log', 25)}"
     )
     (job,) = slurm.job(train)
     assert job["Restarts"] == "1", log[-4000:]
