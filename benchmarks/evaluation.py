@@ -17,6 +17,7 @@ before the evaluation started), for a test set and for one 4x larger.
     python benchmarks/evaluation.py                  # trains small members first
     python benchmarks/evaluation.py --run runs/tiny  # or uses a run's members
     python benchmarks/evaluation.py --size gpt2 --cost-only  # the uncertainty's cost, GPT-2 small
+    python benchmarks/evaluation.py --size gpt2 --compare cpu cuda  # the same numbers on both?
 Targets: ensemble tokens/s >= 0.9 x (single-member tokens/s / N); the uncertainty costs at most
 10% of the throughput; our memory flat when the test set grows 4x (with every output too), while
 the naive baseline's grows.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -178,14 +180,66 @@ def run_worker(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _numbers(node: object, path: str = "") -> dict[str, float]:
+    """Every finite number of a results document by its path (timestamps and paths aside)."""
+    if isinstance(node, dict):
+        return {
+            k: v
+            for key, value in node.items()
+            if key not in ("created", "path")
+            for k, v in _numbers(value, f"{path}.{key}").items()
+        }
+    if isinstance(node, list):
+        return {k: v for i, value in enumerate(node) for k, v in _numbers(value, f"{path}[{i}]").items()}
+    if isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node):
+        return {path: float(node)}
+    return {}
+
+
+def compare_devices(members: list[Path], data: Path, devices: list[str], batch_size: int) -> None:
+    """results.json's numbers from both devices: the largest relative difference per section."""
+    from ensemble.architecture import context_length
+    from ensemble.config import DataConfig, EvalConfig
+    from ensemble.data import prepare_data
+    from ensemble.evaluation import Sharding, evaluate_members, load_members, results_dict
+
+    results = {}
+    for device in devices:
+        loaded = load_members(members, device)
+        blocks = prepare_data(
+            DataConfig(test_files=[str(data)], txt_sample_by="paragraph"), loaded[0].tokenizer,
+            min(context_length(m.config) for m in loaded), splits=("test",),
+        ).eval_blocks("test")  # fmt: skip
+        cfg = EvalConfig(per_device_batch_size=batch_size, combiners=["mean_prob", "mean_logit"], precision="float32",
+                         bootstrap_samples=0)  # fmt: skip
+        scorer = evaluate_members(loaded, blocks, cfg, device, keep_blocks=True, show_progress=False)
+        results[device] = results_dict(
+            loaded, scorer, cfg, "test", blocks, {}, Sharding("data", 0, 1, len(loaded))
+        )
+        results[device]["compiled"] = scorer.compiled
+    a, b = (_numbers(results[d]) for d in devices)
+    print(f"{devices[0]} (scoring {'compiled' if results[devices[0]]['compiled'] else 'eager'}) against "
+          f"{devices[1]} (scoring {'compiled' if results[devices[1]]['compiled'] else 'eager'}), "
+          f"{results[devices[0]]['ensemble']['tokens']:,} tokens, float32 forward passes:")  # fmt: skip
+    worst: dict[str, tuple[float, str]] = {}
+    for key in sorted(a.keys() & b.keys()):
+        section = key.split(".")[1].split("[")[0]
+        diff = abs(a[key] - b[key]) / max(abs(a[key]), 1e-3)
+        if diff >= worst.get(section, (-1.0, ""))[0]:
+            worst[section] = (diff, key)
+    for section, (diff, key) in worst.items():
+        print(f"  {section:<12} largest relative difference {diff:.2e}  ({key})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="run directory whose members to use (default: train small ones)")
     p.add_argument(
         "--size",
-        choices=["trained", "gpt2"],
+        choices=["trained", "gpt2", "tiny"],
         default="trained",
-        help="without --run: small members trained here (trained), or 3 random GPT-2 small (gpt2)",
+        help="without --run: small members trained here (trained), or 3 random GPT-2s with the "
+        "GPT-2 tokenizer: small (gpt2) or 2 layers of 64 (tiny)",
     )
     p.add_argument(
         "--tokenizer",
@@ -201,6 +255,11 @@ def main() -> None:
         action="store_true",
         help="only the N-member rows with and without the uncertainty (and with every output)",
     )
+    p.add_argument(
+        "--compare", nargs=2, metavar="DEVICE",
+        help="instead: evaluate the members on the 1x test set on both devices (float32 forward "
+        "passes, each device's default scoring) and print the largest differences per section",
+    )  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--members", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--combiners", nargs="*", default=["mean_prob"], help=argparse.SUPPRESS)
@@ -218,10 +277,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         run = Path(args.run) if args.run else tmp / "run"
-        if not args.run and args.size == "gpt2":
+        if not args.run and args.size in ("gpt2", "tiny"):
             from generation import random_run
 
-            random_run(run, "gpt2", 3, args.tokenizer)
+            random_run(run, args.size, 3, args.tokenizer)
         elif not args.run:
             print("training small members (configs/tiny.yaml, 50 steps each) ...", flush=True)
             subprocess.run([sys.executable, "launch/train.py", "--config", "configs/tiny.yaml", "train.max_steps=50",
@@ -233,6 +292,9 @@ def main() -> None:
         for label, chars in {"1x": args.chars, "4x": 4 * args.chars}.items():
             files[label] = tmp / f"test-{label}.txt"
             files[label].write_text(text[:chars])
+        if args.compare:
+            compare_devices(members, files["1x"], args.compare, args.batch_size)
+            return
         n = len(members)
         cost = {
             f"ours, {n} members, 3 combiners": ("ours", all_combiners),
