@@ -57,7 +57,7 @@ from .ood import BLOCK_SCORES, TPR, block_scores, detection
 from .reporting import format_table, write_plots, write_results
 from .scoring import Scorer, Workspace, log_probs_of_targets
 from .selective import selective_results
-from .tokens import TokenWriter, write_html
+from .tokens import HTML_TOKENS, TokenWriter, write_html
 
 logger = logging.getLogger(__name__)
 
@@ -500,18 +500,16 @@ def results_dict(
     curve += [{"k": k, **_curve_point(rows[f"first-{k}"])} for k in range(2, n)]
     if n > 1:
         curve.append({"k": n, **_curve_point(rows[HEADLINE])})
+    tokens = rows[HEADLINE]["tokens"]
+    member_entropy = {m.name: scorer.sums[r, SUMS.entropy] / tokens for r, m in enumerate(members)}
     if cfg.uncertainty:
         # entropy of the first k's mixture, minus the mean of those k members' entropies
-        member_entropy = [
-            scorer.sums[r, SUMS.entropy] / rows[m.name]["tokens"] for r, m in enumerate(members)
-        ]
         for point in curve:
             k = point["k"]
             row = members[0].name if k == 1 else (HEADLINE if k == n else f"first-{k}")
-            total = scorer.sums[scorer.index[row], SUMS.entropy] / rows[row]["tokens"]
-            aleatoric = float(np.mean(member_entropy[:k]))
+            total = scorer.sums[scorer.index[row], SUMS.entropy] / tokens
+            aleatoric = float(np.mean(list(member_entropy.values())[:k]))
             point.update(total=total, aleatoric=aleatoric, epistemic=total - aleatoric)
-    tokens = rows[HEADLINE]["tokens"]
     mean_member_nll = float(np.mean([rows[m.name]["nll"] for m in members]))
     results: dict[str, Any] = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -554,7 +552,7 @@ def results_dict(
             },
         },
         "gain": _gain(rows, members, boot),
-        **(_uncertainty(members, scorer, tokens) if cfg.uncertainty else {}),
+        **(_uncertainty(scorer, member_entropy, tokens) if cfg.uncertainty else {}),
         "reliability": {
             "bins": 15,
             "rows": {
@@ -566,15 +564,14 @@ def results_dict(
     return results
 
 
-def _uncertainty(members: list[LoadedMember], scorer: Scorer, tokens: int) -> dict[str, Any]:
-    """The "uncertainty" and "selective" sections (see the README's schema)."""
-    member_entropy = {m.name: scorer.sums[r, SUMS.entropy] / tokens for r, m in enumerate(members)}
-    if len(members) > 1:
+def _uncertainty(scorer: Scorer, member_entropy: dict[str, float], tokens: int) -> dict[str, Any]:
+    """The "uncertainty" and "selective" sections (see the README's schema), given each
+    member's mean entropy."""
+    if len(member_entropy) > 1:
         means = {name: value / tokens for name, value in scorer.decomposition.items()}
     else:  # one member: all of its uncertainty is aleatoric
         (h,) = member_entropy.values()
         means = {"total": h, "aleatoric": h, "epistemic": 0.0, "pairwise_kl": 0.0}
-    ensemble_row = HEADLINE if len(members) > 1 else None
     return {
         "uncertainty": {
             "unit": "nats per position",
@@ -584,7 +581,7 @@ def _uncertainty(members: list[LoadedMember], scorer: Scorer, tokens: int) -> di
             "expected_pairwise_kl": means["pairwise_kl"],
             "member_entropy": member_entropy,
         },
-        "selective": selective_results(scorer.selective, scorer.selective_rows, ensemble_row),
+        "selective": selective_results(scorer.selective, scorer.selective_rows, scorer.ensemble_row),
     }
 
 
@@ -659,10 +656,12 @@ def _out_of_domain(
 ) -> dict[str, Any]:
     """Each file's blocks scored like the evaluated split's (same members, temperatures and
     weights), then told apart from them: results.json's "ood" section."""
-    ensemble_row = HEADLINE if len(members) > 1 else None
 
     def scores(s: Scorer) -> dict[str, dict[str, np.ndarray]]:
-        return block_scores(s.blocks, s.blocks_tokens, s.blocks_epistemic, s.selective_rows, ensemble_row)
+        return block_scores(s.blocks, s.blocks_tokens, s.blocks_epistemic, s.selective_rows, s.ensemble_row)
+
+    def scored_blocks(s: Scorer) -> int:  # blocks with a predicted position (the scored ones)
+        return int(np.count_nonzero(s.blocks_tokens))
 
     in_domain = scores(scorer)
     fitted = (np.array([m.temperature for m in members]), scorer.weights)
@@ -682,12 +681,12 @@ def _out_of_domain(
         out_domain = scores(ood)
         sets.append({
             "path": str(path),
-            "blocks": len(next(iter(out_domain.values()))["mean_nll"]),
+            "blocks": scored_blocks(ood),
             "tokens_evaluated": ood.tokens,
             "rows": detection(in_domain, out_domain),
         })  # fmt: skip
     return {
-        "in_domain": {"blocks": len(next(iter(in_domain.values()))["mean_nll"])},
+        "in_domain": {"blocks": scored_blocks(scorer)},
         "tpr": TPR,
         "scores": {name: s.label for name, s in BLOCK_SCORES.items()},
         "sets": sets,
@@ -718,7 +717,7 @@ class EvalOutputs:
     """The per-token Parquet export (see tokens.py)."""
     html: Path | None = None
     """The HTML view of the first ``html_tokens`` tokens, shaded by epistemic uncertainty."""
-    html_tokens: int = 2000
+    html_tokens: int = HTML_TOKENS
 
     def __post_init__(self) -> None:
         if self.html_tokens < 1:

@@ -293,6 +293,12 @@ class Scorer:
         return dict(zip(Uncertainty._fields, self._decomposition.cpu().tolist(), strict=True))
 
     @property
+    def ensemble_row(self) -> str | None:
+        """The row that is the ensemble for the uncertainty (the headline mixture; None with one
+        member): the only one with ensemble-only scores."""
+        return HEADLINE if HEADLINE in self.selective_rows else None
+
+    @property
     def selective(self) -> np.ndarray:
         """[selective rows, scores, (positions, top-1 hits), bins]: see :mod:`selective`."""
         return self._selective.cpu().numpy()
@@ -352,7 +358,7 @@ class Scorer:
             self._block_epistemic.index_add_(0, block_of, u.epistemic.double())
         rows = out.members + ([out.combined[HEADLINE]] if u is not None else [])
         for r, stats in enumerate(rows):
-            is_ensemble = self.selective_rows[r] == HEADLINE
+            is_ensemble = self.selective_rows[r] == self.ensemble_row
             correct = stats.correct.double()
             for s, score in enumerate(SCORES.values()):
                 if score.ensemble_only and not is_ensemble:

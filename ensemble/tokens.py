@@ -27,9 +27,11 @@ import numpy as np
 import torch
 
 from .combining import HEADLINE
+from .errors import EnsembleError
 from .files import tmp_name
 
 ENSEMBLE_COLUMN = "p_ensemble"
+HTML_TOKENS = 2000  # tokens on the HTML page unless asked otherwise (--html-tokens)
 
 
 def _part(path: Path, column: int) -> Path:
@@ -60,8 +62,14 @@ class TokenWriter:
         fields += [(c, pa.float32()) for c in ("entropy", "aleatoric", "mutual_information")]
         self.schema = pa.schema(fields)
         self._target = _part(self.path, column) if columns > 1 else tmp_name(self.path)
-        self._target.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(self._target, self.schema)
+        try:  # before any evaluation work: a bad path stops at once
+            self._target.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self._target, self.schema)
+        except OSError as e:
+            raise EnsembleError(
+                f"cannot write per-token results in {self.path.parent} ({e.strerror or e}); give "
+                "--tokens-out / --html a path in a writable directory"
+            ) from None
         self._batch: dict[str, list[np.ndarray]] = {}
         self._offset = 0
 
@@ -156,7 +164,7 @@ def _shade(value: float, low: float, high: float) -> str:
     return f"rgba(220, 40, 40, {alpha:.3f})"
 
 
-def write_html(tokens_path: Path, html_path: Path, limit: int = 2000, title: str = "") -> Path:
+def write_html(tokens_path: Path, html_path: Path, limit: int = HTML_TOKENS, title: str = "") -> Path:
     """A page showing the first ``limit`` tokens of a token export, each shaded by the members'
     disagreement (the mutual information, from white at its 5th percentile to red at its 99th:
     where the members disagree more than elsewhere in the text), with the probabilities and

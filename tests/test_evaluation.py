@@ -170,7 +170,9 @@ def test_every_row_matches_brute_force(quantised, mode):
     # the entropies of the uncertainty decomposition (tests/test_uncertainty_eval.py checks the
     # rest): every form, the compiled one included
     for name in ("m0", "m1", "m2", "mean_prob", "first-2"):
-        h = -np.where(expected[name] > 0, expected[name] * np.log(np.where(expected[name] > 0, expected[name], 1)), 0)
+        h = -np.where(
+            expected[name] > 0, expected[name] * np.log(np.where(expected[name] > 0, expected[name], 1)), 0
+        )
         assert scorer.sums[scorer.index[name], SUMS.entropy] == pytest.approx(h.sum(), rel=1e-5), name
     mean_members = np.mean([scorer.sums[scorer.index[f"m{i}"], SUMS.entropy] for i in range(3)])
     total = scorer.sums[scorer.index["mean_prob"], SUMS.entropy]

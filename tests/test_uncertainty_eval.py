@@ -397,6 +397,14 @@ def test_bad_output_requests_are_one_line(token_run, tmp_path, capsys):
         assert evaluate_main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (extra, err)
+    # a path that cannot be written: found once the data is loaded, before any evaluation
+    assert (
+        evaluate_main([*base, "--tokens-out", "/proc/no-such-dir/t.parquet", "eval.combiners=[mean_prob]"])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if "error" in line] == [err[-1]], err
+    assert "cannot write per-token results in /proc/no-such-dir" in err[-1]
     assert not (tmp_path / "out").exists()
 
     # and a good one: every output, in one pass plus one per out-of-domain file
