@@ -235,6 +235,17 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--html-tokens", type=int, default=2000, metavar="N", help="tokens on the --html page (2000)"
     )
+    p.add_argument(
+        "--student", metavar="DIR",
+        help="a distilled student to evaluate beside the members (default: RUN_DIR/student, when "
+        "launch/distill.py wrote one)",
+    )  # fmt: skip
+    p.add_argument("--no-student", action="store_true", help="do not evaluate the run's student")
+    p.add_argument(
+        "--save-soup", metavar="DIR",
+        help="save the uniform average of the members' weights in Hugging Face format (members "
+        "fine-tuned from one pretrained model only)",
+    )  # fmt: skip
     return p
 
 
@@ -329,6 +340,18 @@ def resolve_evaluation(
     return member_paths, cfg, run_cfg, split, out
 
 
+def _student(args: argparse.Namespace) -> Path | None:
+    """The student to evaluate: --student, else the run's own (unless --no-student)."""
+    from .members import RunPaths, is_complete_member
+
+    if args.student and args.no_student:
+        raise EnsembleError("--student and --no-student contradict each other; give one")
+    if args.student or args.no_student:
+        return Path(args.student) if args.student else None
+    own = RunPaths(Path(args.run_dir)).student if args.run_dir else None
+    return own if own is not None and is_complete_member(own) else None
+
+
 @guarded
 def evaluate_main(argv: Sequence[str] | None = None) -> None:
     """Evaluate in one process, or sharded over the processes of a launcher (torchrun,
@@ -344,6 +367,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> None:
         tokens_out=Path(args.tokens_out) if args.tokens_out else None,
         html=Path(args.html) if args.html else None,
         html_tokens=args.html_tokens,
+        student=_student(args),
+        save_soup=Path(args.save_soup) if args.save_soup else None,
     )
 
     device = local_device()
@@ -364,6 +389,50 @@ def evaluate_main(argv: Sequence[str] | None = None) -> None:
         worlds.wait_all("finished")  # the ranks leave together (see Worlds.close)
     finally:
         worlds.close()
+
+
+# --------------------------------------------------------------------------------------------
+# distill
+
+
+def distill_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/distill.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Distil a run's finished members into one student, then evaluate it with them.\n\n"
+        f"Exit status: 0 done; 2 a mistake in the input (one error line); {PREEMPTED_EXIT} stopped by "
+        "SIGTERM/SIGUSR1 after saving a checkpoint (requeue with --resume auto).",
+        epilog="examples:\n"
+        "  python launch/distill.py runs/tiny\n"
+        "  accelerate launch --config_file configs/accelerate/cpu.yaml launch/distill.py runs/tiny\n"
+        "  python launch/distill.py runs/tiny distill.alpha=0.5 distill.config='{n_layer: 1}'\n"
+        "overrides: the run's config.yaml applies; distill.*, train.* (the student's budget; default:\n"
+        "the members'), eval.*, checkpoint.* and tracking.* may be overridden.\n\n"
+        "Config keys (defaults):\n" + describe(),
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the output.dir of a training run")
+    p.add_argument(
+        "--resume", metavar="auto", help="continue an interrupted distillation from its latest checkpoint"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the run's student and its checkpoints")
+    p.add_argument("--no-eval", action="store_true", help="do not evaluate the student with the members")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return p
+
+
+@guarded
+def distill_main(argv: Sequence[str] | None = None) -> None:
+    args = distill_parser().parse_intermixed_args(argv)
+    for item in args.overrides:
+        if not item.split("=", 1)[0].startswith(("distill.", "train.", "eval.", "tracking.", "checkpoint.")):
+            raise ConfigError(
+                f"override {item!r}: distillation takes distill.*, train.*, eval.*, checkpoint.* and "
+                "tracking.* overrides (the members' model and data are the run's)"
+            )
+    setup_logging()
+    from .distill import distill_run
+
+    distill_run(args.run_dir, args.overrides, args.resume, args.overwrite, evaluate_after=not args.no_eval)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,6 +553,11 @@ def train_entry() -> NoReturn:
 def generate_entry() -> NoReturn:
     """`launch/generate.py` and the `ensemble-generate` command."""
     exit_with(generate_main())
+
+
+def distill_entry() -> NoReturn:
+    """`launch/distill.py` and the `ensemble-distill` command."""
+    exit_with(distill_main())
 
 
 def evaluate_entry() -> NoReturn:

@@ -424,6 +424,11 @@ class EvalConfig:
     `false` skips that work (it costs a few percent of evaluation throughput; see
     benchmarks/evaluation.py --uncertainty-cost); `--ood`, `--tokens-out` and `--html` need it."""
 
+    soup: bool = True
+    """When the members were fine-tuned from the same pretrained model, also evaluate the uniform
+    average of their weights as one model (the `soup` row; see ensemble/soup.py). Members built
+    from scratch are not souped (the reason is logged and recorded)."""
+
     plots: bool = True
     """Write ensemble_size.png, reliability.png and risk_coverage.png (and ood.png with
     `--ood`) next to results.json."""
@@ -446,6 +451,59 @@ class EvalConfig:
             self.combiners = [HEADLINE, *self.combiners]
         if len(set(self.combiners)) != len(self.combiners):
             raise ConfigError(f"eval.combiners={self.combiners} lists a combiner twice")
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = 1.0
+    """Weight of the KL divergence to the ensemble in the student's loss; 1 - alpha weighs the
+    cross-entropy on the training text. In [0, 1]: 1 is pure distillation (the default: on the
+    default run it kept the most of the ensemble's gain, see the README), 0 plain training."""
+
+    temperature: float = 1.0
+    """Temperature T of the distillation term: KL(ensemble_T || student_T), where each member's
+    and the student's logits are divided by T, times T^2 (Hinton et al.: keeps the gradient's scale
+    independent of T). The cross-entropy term is at temperature 1."""
+
+    seed: int = 0
+    """The student's seed: its initialisation (from scratch), dropout and data order."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    """Architecture fields that differ from the members' for a student built from scratch (e.g.
+    {n_layer: 1} for a smaller GPT-2). Empty: the members' architecture and size."""
+
+    name_or_path: str | None = None
+    """A pretrained causal LM as the student (Hub name or local directory), instead of one like
+    the members; it must use the members' tokenizer and vocabulary."""
+
+    mode: Literal["data", "member"] = "data"
+    """How the teacher (the members, in inference mode) is computed across processes, as in
+    `eval.mode`. `data`: every process holds every member and computes the mixture for its own
+    batches. `member`: for members too large to sit together on one device: each process holds
+    one member (the number of processes must be a multiple of the number of members) and the
+    members' probabilities are summed across processes."""
+
+    dir: str | None = None
+    """Where the student is saved (Hugging Face format). Empty: `<output.dir>/student`."""
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(
+                f"distill.alpha={self.alpha} must be in [0, 1] (the weight of the KL to the ensemble; "
+                "1 - alpha weighs the cross-entropy)"
+            )
+        if not self.temperature > 0 or not math.isfinite(self.temperature):
+            raise ConfigError(f"distill.temperature={self.temperature} must be a positive number")
+        if self.config and self.name_or_path:
+            raise ConfigError(
+                "distill.config and distill.name_or_path are both set; size a student built from "
+                "scratch with distill.config, or give a pretrained one with distill.name_or_path"
+            )
+        if "vocab_size" in self.config:
+            raise ConfigError(
+                "distill.config.vocab_size is set, but the student predicts over the members' "
+                "vocabulary; remove it"
+            )
 
 
 @dataclass
@@ -499,6 +557,9 @@ class ExperimentConfig:
 
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Ensemble evaluation."""
+
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Distillation of the ensemble into one student (launch/distill.py)."""
 
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment tracking."""

@@ -51,12 +51,13 @@ from .compute import FLOAT32, autocast, resolve_compile, resolve_eval_precision
 from .config import DataConfig, EvalConfig
 from .data import EvalBlocks, PreparedData, collate_eval, prepare_data
 from .errors import EnsembleError, first_line
-from .members import read_member_info, verify_weights
+from .members import STUDENT, is_complete_member, read_member_info, verify_weights
 from .metrics import BOOT, BOOTSTRAPPED, SUMS, percentile_interval, reliability, row_result
 from .ood import BLOCK_SCORES, TPR, block_scores, detection
 from .reporting import format_table, write_plots, write_results
 from .scoring import Scorer, Workspace, log_probs_of_targets
 from .selective import selective_results
+from .soup import SOUP, make_soup, save_soup, soup_reason
 from .tokens import HTML_TOKENS, TokenWriter, write_html
 
 logger = logging.getLogger(__name__)
@@ -108,25 +109,32 @@ def load_members(
         members.append(LoadedMember(path, name, info.get("seed"), tokenizer, config, model))
     _unique_names(members)
     ref = members[0]
-    ref_vocab = ref.tokenizer.get_vocab()
-    ref_probe = ref.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
     for m in members[1:]:
-        vocab = m.tokenizer.get_vocab()
-        if (
-            vocab != ref_vocab
-            or m.tokenizer.eos_token_id != ref.tokenizer.eos_token_id
-            or m.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"] != ref_probe
-        ):
-            raise EnsembleError(
-                f"member {m.name} ({m.path}) uses a different tokenizer than {ref.name} "
-                f"({len(vocab)} vs {len(ref_vocab)} tokens); ensemble members must share one tokenizer"
-            )
+        check_same_tokenizer(
+            ref, m.tokenizer, f"member {m.name} ({m.path})", "ensemble members must share one tokenizer"
+        )
         if m.config.vocab_size != ref.config.vocab_size:
             raise EnsembleError(
                 f"member {m.name} ({m.path}) predicts over {m.config.vocab_size} tokens but "
                 f"{ref.name} over {ref.config.vocab_size}; members must share one vocabulary"
             )
     return members
+
+
+def check_same_tokenizer(ref: LoadedMember, tokenizer: Any, what: str, fix: str) -> None:
+    """Refuse ``tokenizer`` (of ``what``) unless it tokenizes as ``ref``'s: the same vocabulary,
+    end-of-text id and ids for a probe text; the error says ``fix``."""
+    vocab, ref_vocab = tokenizer.get_vocab(), ref.tokenizer.get_vocab()
+    if (
+        vocab != ref_vocab
+        or tokenizer.eos_token_id != ref.tokenizer.eos_token_id
+        or tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        != ref.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    ):
+        raise EnsembleError(
+            f"{what} uses a different tokenizer than {ref.name} ({len(vocab)} vs {len(ref_vocab)} "
+            f"tokens); {fix}"
+        )
 
 
 def _unique_names(members: list[LoadedMember]) -> None:
@@ -141,7 +149,7 @@ def _unique_names(members: list[LoadedMember]) -> None:
             m.name = "/".join(m.path.resolve().parts[-depth - 1 :])
 
 
-def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The transformer body (ids -> final hidden states) and the output layer of a causal LM.
 
     Applying the head a chunk of positions at a time is what bounds evaluation memory; it is
@@ -228,6 +236,11 @@ class Collectives:
                 group = dist.new_group(sharding.column_ranks(column))
                 if column == sharding.column:
                     self._column_group = group
+
+    @property
+    def column_group(self) -> Any:
+        """Member mode: the process group of this process's column (one process per member)."""
+        return self._column_group
 
     def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
         if not self.active:
@@ -414,7 +427,7 @@ def evaluate_members(
             )
     precision = resolve_eval_precision(cfg.precision, device)
     compiled = resolve_compile(cfg.compile, device, "eval.compile")
-    parts = {i: _body_and_head(members[i].model) for i in sorted(sharding.members_held)}
+    parts = {i: body_and_head(members[i].model) for i in sorted(sharding.members_held)}
     stream = _Stream(
         parts, len(members), members[0].config.vocab_size, cfg.chunk_tokens, sharding, collectives, device,
         precision,
@@ -693,6 +706,105 @@ def _out_of_domain(
     }
 
 
+def _one_models(
+    member_paths: list[Path],
+    members: list[LoadedMember],
+    scorer: Scorer,
+    cfg: EvalConfig,
+    blocks: EvalBlocks,
+    device: torch.device | str,
+    outputs: EvalOutputs,
+    no_soup: str | None,
+    rank: int,
+    world: int,
+) -> dict[str, Any]:
+    """The ensemble in one model: the distilled student (when given) and the weight soup (when
+    the members can be souped), each scored on the same blocks, bootstrap replicates included,
+    as results.json's "student" and "soup" sections."""
+    ref = members[0]
+    models: dict[str, LoadedMember] = {}
+    if outputs.student is not None:
+        path = Path(outputs.student)
+        info = read_member_info(path)
+        (student,) = load_members([path], device)
+        check_same_tokenizer(ref, student.tokenizer, f"the student {path}", "distil it from these members")
+        if student.config.vocab_size != ref.config.vocab_size:
+            raise EnsembleError(
+                f"the student {path} predicts over {student.config.vocab_size} tokens but the members "
+                f"over {ref.config.vocab_size}; distil it from these members"
+            )
+        student.name, student.seed = STUDENT, info.get("seed")
+        models[STUDENT] = student
+        teachers = sorted(info.get("teachers", {}).values(), key=str)
+        evaluated = sorted((read_member_info(m).get("weights_sha256", {}) for m in member_paths), key=str)
+        if teachers and teachers != evaluated:
+            logger.warning(
+                "the student %s was distilled from other members than those evaluated: the share of the "
+                "gain it keeps is relative to these", path,
+            )  # fmt: skip
+    out: dict[str, Any] = {}
+    if no_soup:
+        if cfg.soup:
+            logger.info("soup skipped: %s", no_soup)
+            out[SOUP] = {"skipped": no_soup}
+    else:
+        soup = make_soup(member_paths)
+        if outputs.save_soup and rank == 0:
+            save_soup(Path(outputs.save_soup), soup, ref.tokenizer, member_paths)
+        models[SOUP] = LoadedMember(Path(outputs.save_soup or SOUP), SOUP, None, ref.tokenizer, soup.config,
+                                    soup.to(device))  # fmt: skip
+    single = dataclasses.replace(cfg, uncertainty=False)
+    for name, model in models.items():
+        one = evaluate_members(
+            [model], blocks, single, device, Sharding("data", rank, world, 1), fitted=(np.ones(1), None),
+            show_progress=False,
+        )  # fmt: skip
+        out[name] = {
+            "path": str(model.path),
+            **({"seed": model.seed} if name == STUDENT else {"members": len(members)}),
+            **_one_model_row(one, scorer, members),
+        }
+        if name == STUDENT:
+            info = read_member_info(model.path)
+            out[name]["distill"] = {**info.get("distill", {}), "teachers": sorted(info.get("teachers", {}))}
+    return out
+
+
+def _one_model_row(one: Scorer, scorer: Scorer, members: list[LoadedMember]) -> dict[str, Any]:
+    """One model's metrics and how much of the ensemble's gain it keeps: (mean member NLL - its
+    NLL) / (mean member NLL - ensemble NLL), with a bootstrap interval (the replicates weigh the
+    blocks alike in both evaluations: the weights depend on the seed and the block only)."""
+    row: dict[str, Any] = row_result(one.sums[0])
+    n = len(members)
+    if one.bootstrap_samples:
+        row["ci95"] = _bootstrap(one, 1)[one.rows[0]]
+    if n < 2:
+        return row
+    member_nll = scorer.sums[:n, SUMS.nll] / scorer.sums[:n, SUMS.tokens]
+    ens = scorer.index[HEADLINE]
+    ensemble_nll = scorer.sums[ens, SUMS.nll] / scorer.sums[ens, SUMS.tokens]
+    best = int(np.argmin(member_nll))
+    gain = float(member_nll.mean() - ensemble_nll)
+    kept = {
+        "share": float((member_nll.mean() - row["nll"]) / gain) if gain > 0 else None,
+        "ensemble_gain_nll": gain,
+        "nll_vs_mean_member": float(row["nll"] - member_nll.mean()),
+        "nll_vs_best_member": float(row["nll"] - member_nll[best]),
+        "perplexity_ratio_vs_best_member": float(np.exp(row["nll"] - member_nll[best])),
+        "best_member": members[best].name,
+    }
+    keep = (scorer.boot_tokens > 0) & (one.boot_tokens > 0)
+    if one.bootstrap_samples and gain > 0 and keep.any():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            nll = scorer.boot[keep][:, :, BOOT.nll] / scorer.boot_tokens[keep, None]
+            own = one.boot[keep][:, 0, BOOT.nll] / one.boot_tokens[keep]
+            mean_member = nll[:, :n].mean(axis=1)
+            share = (mean_member - own) / (mean_member - nll[:, ens])
+        kept["ci95"] = percentile_interval(share[np.isfinite(share)])
+    row["gain_kept"] = kept
+    return row
+
+
 @contextlib.contextmanager
 def _barrier_main_first(name: str) -> Iterator[None]:
     """main_first with plain barriers (collective timeout), when no Worlds is at hand."""
@@ -718,8 +830,17 @@ class EvalOutputs:
     html: Path | None = None
     """The HTML view of the first ``html_tokens`` tokens, shaded by epistemic uncertainty."""
     html_tokens: int = HTML_TOKENS
+    student: Path | None = None
+    """A distilled student (launch/distill.py) evaluated beside the members: the `student` row."""
+    save_soup: Path | None = None
+    """Where to save the members' weight soup in Hugging Face format (see soup.py)."""
 
     def __post_init__(self) -> None:
+        if self.student is not None and not is_complete_member(Path(self.student)):
+            raise EnsembleError(
+                f"--student {self.student} is not a finished student (no member.json); distil one with "
+                "launch/distill.py RUN_DIR"
+            )
         if self.html_tokens < 1:
             raise EnsembleError(f"--html-tokens {self.html_tokens}: show at least 1 token")
         for path in self.ood:
@@ -756,6 +877,9 @@ def evaluate(
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     n = len(member_paths)
+    no_soup = soup_reason(member_paths) if eval_cfg.soup or outputs.save_soup else "eval.soup=false"
+    if outputs.save_soup and no_soup:
+        raise EnsembleError(f"--save-soup: the members cannot be souped: {no_soup}")
     sharding = Sharding(eval_cfg.mode, rank, world, n)
     members = load_members(member_paths, device, hold=sharding.members_held)
     block_size = data_cfg.block_size or min(context_length(m.config) for m in members)
@@ -797,6 +921,9 @@ def evaluate(
         members, scorer, eval_cfg, split, blocks, {"source": fingerprint["source"], **fingerprint["splits"][split]},
         sharding,
     )  # fmt: skip
+    results.update(
+        _one_models(member_paths, members, scorer, eval_cfg, blocks, device, outputs, no_soup, rank, world)
+    )
     if outputs.ood:
         results["ood"] = _out_of_domain(
             outputs.ood, members, scorer, data_cfg, eval_cfg, device, sharding, load

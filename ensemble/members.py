@@ -35,19 +35,22 @@ from .hub import require_local_or_hub
 from .provenance import environment, library_versions
 
 MEMBER_INFO = "member.json"
+STUDENT = "student"  # the distilled student's name: its role, its directory in the run
 MEMBER_DIR_RE = re.compile(r"^member-(\d+)$")
 
 
 @dataclass(frozen=True)
 class MemberSpec:
-    """One ensemble member: its position in the ensemble and its seed."""
+    """One ensemble member: its position in the ensemble and its seed. The distilled student
+    is trained like a member: its spec has the role `student` (its name) and index -1."""
 
     index: int
     seed: int
+    role: str = "member"
 
     @property
     def name(self) -> str:
-        return f"member-{self.index}"
+        return f"member-{self.index}" if self.role == "member" else self.role
 
 
 def member_specs(cfg: ExperimentConfig) -> list[MemberSpec]:
@@ -146,6 +149,11 @@ class RunPaths:
     @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
+
+    @property
+    def student(self) -> Path:
+        """The distilled student's default directory (launch/distill.py)."""
+        return self.root / STUDENT
 
     @property
     def run_id(self) -> Path:

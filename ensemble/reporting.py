@@ -9,6 +9,8 @@ from typing import Any
 
 from .combining import COMBINERS, HEADLINE
 from .files import atomic_write_json, atomic_write_text, tmp_name
+from .members import STUDENT
+from .soup import SOUP
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -60,6 +62,11 @@ def format_table(results: dict[str, Any]) -> str:
         if "weights" in row:
             label += " w=" + ",".join(f"{w:.3f}" for w in row["weights"])
         lines.append(_row(label, row))
+    for name, label in ONE_MODEL_ROWS.items():
+        row = results.get(name)
+        if row and "skipped" not in row:
+            seed = f" (seed {row['seed']})" if row.get("seed") is not None else ""
+            lines.append(_row(f"{label}{seed}", row))
     gain = results.get("gain")
     if gain:
         best, mean = gain["vs_best_member"], gain["vs_mean_member"]
@@ -92,8 +99,36 @@ def format_table(results: dict[str, Any]) -> str:
             + (f" {p['epistemic']:.4f} |" if epistemic else "")
             for p in results["curve"]
         ]
+    lines += _one_model_lines(results)
     lines += _uncertainty_lines(results)
     return "\n".join(lines) + "\n"
+
+
+# results.json's sections of the ensemble in one model, and their labels
+ONE_MODEL_ROWS = {STUDENT: "Student (distilled)", SOUP: "Soup (mean of the weights)"}
+
+
+def _one_model_lines(results: dict[str, Any]) -> list[str]:
+    """How much of the ensemble's gain the student and the soup keep (or why there is no soup)."""
+    lines = []
+    for name, label in ONE_MODEL_ROWS.items():
+        row = results.get(name)
+        if not row:
+            continue
+        if "skipped" in row:
+            lines.append(f"{label}: not evaluated: {row['skipped']}.")
+            continue
+        kept = row.get("gain_kept")
+        if not kept or kept["share"] is None:
+            continue
+        ci = kept.get("ci95")
+        interval = f" (95% CI [{100 * ci[0]:.0f}%, {100 * ci[1]:.0f}%])" if ci else ""
+        lines.append(
+            f"{label}: keeps {100 * kept['share']:.0f}%{interval} of the ensemble's NLL gain over the mean "
+            f"member ({kept['ensemble_gain_nll']:.4f} nats); NLL {kept['nll_vs_best_member']:+.4f} vs the best "
+            f"member ({kept['best_member']}), perplexity x{kept['perplexity_ratio_vs_best_member']:.3f}."
+        )
+    return ["", *lines] if lines else []
 
 
 def _uncertainty_lines(results: dict[str, Any]) -> list[str]:

@@ -64,7 +64,8 @@ def clear_previous_run(paths: RunPaths, checkpoints: Path) -> None:
         paths.run_id,
     ):
         path.unlink(missing_ok=True)
-    for path in (paths.members, paths.logs, checkpoints):
+    # (the run's distilled student too: it was distilled from the members being replaced)
+    for path in (paths.members, paths.logs, checkpoints, paths.student):
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -64,7 +64,7 @@ def train_run(
     array, several launches at once); the ensemble is then not evaluated here, since the other
     members may still be training. ``evaluate_after=False`` also leaves evaluation to
     launch/evaluate.py. Returns the results, or None when not evaluated."""
-    zero = _deepspeed(cfg)
+    zero = deepspeed_setup(cfg)
     worlds = Worlds(cfg.parallel.timeout_s)
     try:
         worlds.join("run", launch_info().rank, launch_info().world_size)
@@ -129,7 +129,7 @@ class RunSetup:
     zero: ZeroSetup | None
 
 
-def _deepspeed(cfg: ExperimentConfig) -> ZeroSetup | None:
+def deepspeed_setup(cfg: ExperimentConfig) -> ZeroSetup | None:
     zero = load_zero(cfg)
     if zero:
         if "LOCAL_RANK" not in os.environ:

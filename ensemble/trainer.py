@@ -11,9 +11,9 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader
@@ -41,6 +41,13 @@ from .zero import ZeroSetup, make_plugin
 logger = logging.getLogger(__name__)
 
 
+class Objective(Protocol):
+    """The training loss of one batch of token blocks [batch, block] (distillation's, or the
+    default cross-entropy)."""
+
+    def __call__(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class MemberJob:
     """Everything one member's training needs, decided by the run before any member starts."""
@@ -56,10 +63,17 @@ class MemberJob:
     zero: ZeroSetup | None = None
     run_id: str | None = None  # trackers resume by it
     resume_from: Path | None = None  # the checkpoint to continue from; None: from scratch
+    objective: Objective | None = None  # the loss of a batch; None: the causal LM's cross-entropy
+    destination: Path | None = None  # where the finished model is saved; None: the member's directory
+    record: dict[str, Any] = field(default_factory=dict)  # more for every checkpoint's record
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def save_to(self) -> Path:
+        return self.destination or self.paths.member(self.spec)
 
     def checkpoint_record(self, processes: int, total_steps: int) -> dict[str, Any]:
         """What every checkpoint of this member records, for the resume checks."""
@@ -72,6 +86,7 @@ class MemberJob:
             "total_steps": total_steps,
             "config": trajectory_config(self.cfg, self.spec.seed),
             "train_sha256": self.data.fingerprint["splits"]["train"]["sha256"],
+            **self.record,
         }
 
 
@@ -276,8 +291,8 @@ def _save(job: MemberJob, accelerator: Any, model: Any, summary: dict[str, Any])
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3: every rank calls it
     if accelerator.is_main_process:
-        info = {"training": summary, "data_fingerprint": job.data.fingerprint}
-        destination = job.paths.member(job.spec)
+        info = {"training": summary, "data_fingerprint": job.data.fingerprint, **job.record}
+        destination = job.save_to
         save_member(
             destination, accelerator.unwrap_model(model), job.tokenizer, job.spec, job.cfg, info, state_dict
         )
@@ -369,7 +384,10 @@ class _Loop:
         """One forward and backward; True when it completed an optimizer step."""
         acc, p, t = self.accelerator, self.p, self.cfg.train
         with acc.accumulate(self.model):
-            loss = self.model(input_ids=batch, labels=batch).loss
+            if self.job.objective is None:
+                loss = self.model(input_ids=batch, labels=batch).loss
+            else:
+                loss = self.job.objective(self.model, batch)
             if armed("nan", self.spec.index, p.step + 1):
                 loss = loss * math.nan
             acc.backward(loss)

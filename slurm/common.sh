@@ -80,11 +80,13 @@ run_step() {
     trap - USR1
 }
 
-# After training: requeue the job when it stopped on the warning signal, so that it continues
-# from its checkpoints (the scripts always pass --resume auto). Exits the script.
+# After training (or distillation: `finish_training distillation`): requeue the job when it
+# stopped on the warning signal, so that it continues from its checkpoints (the scripts always
+# pass --resume auto). Exits the script.
 finish_training() {
+    local what="${1:-training}"
     if [[ $STEP_STATUS -eq 0 ]]; then
-        log "training finished"
+        log "$what finished"
         exit 0
     fi
     if [[ $STOP_SIGNALLED -eq 1 || $STEP_STATUS -eq $ENSEMBLE_PREEMPTED_EXIT ]]; then
@@ -99,6 +101,6 @@ finish_training() {
         log "stopped after checkpointing (status $STEP_STATUS); ENSEMBLE_REQUEUE=0: resubmit to continue"
         exit "$ENSEMBLE_PREEMPTED_EXIT"
     fi
-    log "training failed (status $STEP_STATUS); see the error above"
+    log "$what failed (status $STEP_STATUS); see the error above"
     exit "$STEP_STATUS"
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Submit the whole pipeline: training (a job array with one task per member, or one multi-node
-# job), then the evaluation, which starts only once training has succeeded (afterok). Prints
-# the job ids.
+# job), optionally the distillation of the members into one student (--distill), then the
+# evaluation; each job starts only once the one before has succeeded (afterok). Prints the job
+# ids.
 #
 #   slurm/submit.sh [options] [-- launch/train.py arguments (key=value overrides)]
 #
@@ -21,6 +22,11 @@
 #   --time T                  training time limit per job, e.g. 04:00:00 [the partition's]
 #                                                                        ENSEMBLE_TIME
 #   --eval-time T             evaluation time limit [the partition's]   ENSEMBLE_EVAL_TIME
+#   --distill                 distil the members into a student after training (1 node,
+#                             processes as for the evaluation)           ENSEMBLE_DISTILL=1
+#   --distill-arg KEY=VALUE   an override for launch/distill.py, e.g. distill.alpha=0.8
+#                             (repeatable; implies --distill)
+#   --distill-time T          distillation time limit [the partition's] ENSEMBLE_DISTILL_TIME
 #   --signal-lead S           seconds before the time limit at which training checkpoints
 #                             and requeues [120]                         ENSEMBLE_SIGNAL_LEAD
 #   --sbatch-arg ARG          passed to every sbatch call, e.g. --sbatch-arg=--mem=64G
@@ -48,6 +54,9 @@ members=""
 time_limit="${ENSEMBLE_TIME:-}"
 eval_time="${ENSEMBLE_EVAL_TIME:-}"
 signal_lead="${ENSEMBLE_SIGNAL_LEAD:-120}"
+distill="${ENSEMBLE_DISTILL:-0}"
+distill_time="${ENSEMBLE_DISTILL_TIME:-}"
+distill_args=()
 dry_run=0
 extra=()
 
@@ -77,6 +86,10 @@ while [[ $# -gt 0 ]]; do
     --time) need "$@"; time_limit="$2"; shift 2 ;;
     --eval-time) need "$@"; eval_time="$2"; shift 2 ;;
     --signal-lead) need "$@"; natural "$1" "$2"; signal_lead="$2"; shift 2 ;;
+    --distill) distill=1; shift ;;
+    --distill-arg) need "$@"; distill=1; distill_args+=("$2"); shift 2 ;;
+    --distill-arg=*) distill=1; distill_args+=("${1#--distill-arg=}"); shift ;;
+    --distill-time) need "$@"; distill_time="$2"; shift 2 ;;
     --sbatch-arg) need "$@"; extra+=("$2"); shift 2 ;;
     --sbatch-arg=*) extra+=("${1#--sbatch-arg=}"); shift ;;
     --dry-run) dry_run=1; shift ;;
@@ -88,6 +101,11 @@ done
 train_args=(--config "$config" "$@")
 
 [[ "$mode" == array || "$mode" == multinode ]] || fail "--mode $mode: use array or multinode"
+[[ "$distill" == 0 || "$distill" == 1 ]] || fail "ENSEMBLE_DISTILL=$distill: use 0 or 1"
+for arg in "${distill_args[@]}"; do
+    [[ "$arg" =~ ^(distill|train|eval|checkpoint|tracking)\.[A-Za-z_.]+= ]] ||
+        fail "--distill-arg $arg: expected an override such as distill.alpha=0.8 (distill.*, train.*, eval.*, checkpoint.*, tracking.*)"
+done
 cd "$ENSEMBLE_REPO"
 [[ -f "$config" ]] || fail "config $config not found (paths are relative to $ENSEMBLE_REPO)"
 command -v "$python" >/dev/null || fail "ENSEMBLE_PYTHON=$python not found; activate the project's environment or set ENSEMBLE_PYTHON"
@@ -121,15 +139,19 @@ common+=("${extra[@]}")
 
 train=(sbatch --parsable "${common[@]}" --signal="B:USR1@$signal_lead")
 evaluate=(sbatch --parsable "${common[@]}" --kill-on-invalid-dep=yes)
+distil=(sbatch --parsable "${common[@]}" --kill-on-invalid-dep=yes --signal="B:USR1@$signal_lead")
 [[ -n "$time_limit" ]] && train+=(--time="$time_limit")
 [[ -n "$eval_time" ]] && evaluate+=(--time="$eval_time")
+[[ -n "$distill_time" ]] && distil+=(--time="$distill_time")
 if [[ "$gpus" -gt 0 ]]; then
     train+=(--gpus-per-node="$gpus")
     evaluate+=(--gpus-per-node="$gpus")
+    distil+=(--gpus-per-node="$gpus")
 fi
 if [[ -n "$cpus" ]]; then
     train+=(--cpus-per-task="$cpus")
     evaluate+=(--cpus-per-task="$cpus")
+    distil+=(--cpus-per-task="$cpus")
 fi
 train_env="ALL"
 [[ -n "$procs" ]] && train_env+=",ENSEMBLE_PROCS_PER_NODE=$procs"
@@ -137,6 +159,7 @@ eval_env="ALL"
 [[ -n "${eval_procs:-$procs}" ]] && eval_env+=",ENSEMBLE_PROCS_PER_NODE=${eval_procs:-$procs}"
 train+=(--export="$train_env")
 evaluate+=(--export="$eval_env")
+distil+=(--export="$eval_env")
 if [[ "$mode" == array ]]; then
     train+=(--array="$array" slurm/train_array.sbatch "${train_args[@]}")
     what="array $array, one task per member"
@@ -145,17 +168,33 @@ else
     what="$nodes nodes"
 fi
 
+distil+=(slurm/distill.sbatch "$run_dir" "${distill_args[@]}")
 if [[ $dry_run -eq 1 ]]; then
     printf '%q ' "${train[@]}"
     echo
-    printf '%q ' "${evaluate[@]}" "--dependency=afterok:<training job>" slurm/evaluate.sbatch "$run_dir"
+    before="<training job>"
+    if [[ $distill -eq 1 ]]; then
+        printf '%q ' "${distil[@]:0:2}" "--dependency=afterok:$before" "${distil[@]:2}"
+        echo
+        before="<distillation job>"
+    fi
+    printf '%q ' "${evaluate[@]}" "--dependency=afterok:$before" slurm/evaluate.sbatch "$run_dir"
     echo
     exit 0
 fi
 train_job="$("${train[@]}")"
 train_job="${train_job%%;*}" # --parsable prints "id" or "id;cluster"
-eval_job="$("${evaluate[@]}" --dependency="afterok:$train_job" slurm/evaluate.sbatch "$run_dir")"
-eval_job="${eval_job%%;*}"
 echo "training job $train_job ($what) -> $run_dir"
-echo "evaluation job $eval_job (starts when every training task has succeeded)"
-echo "watch: squeue -j $train_job,$eval_job    logs: $ENSEMBLE_REPO/ensemble-{train,eval}-*.out"
+before="$train_job"
+jobs="$train_job"
+if [[ $distill -eq 1 ]]; then
+    distill_job="$("${distil[@]:0:2}" --dependency="afterok:$train_job" "${distil[@]:2}")"
+    distill_job="${distill_job%%;*}"
+    echo "distillation job $distill_job (starts when every training task has succeeded) -> $run_dir/student"
+    before="$distill_job"
+    jobs+=",$distill_job"
+fi
+eval_job="$("${evaluate[@]}" --dependency="afterok:$before" slurm/evaluate.sbatch "$run_dir")"
+eval_job="${eval_job%%;*}"
+echo "evaluation job $eval_job (starts when the job before it has succeeded)"
+echo "watch: squeue -j $jobs,$eval_job    logs: $ENSEMBLE_REPO/ensemble-{train,distill,eval}-*.out"

@@ -71,8 +71,9 @@ def env(**extra: str) -> dict[str, str]:
     return out
 
 
-def submit(slurm: LocalSlurm, *args: str, extra_env: dict | None = None) -> tuple[str, str]:
-    """slurm/submit.sh ARGS; returns (training job id, evaluation job id) from what it prints."""
+def submit(slurm: LocalSlurm, *args: str, extra_env: dict | None = None) -> tuple[str, ...]:
+    """slurm/submit.sh ARGS; returns (training job id, evaluation job id[, distillation job id])
+    from what it prints."""
     proc = slurm.run(
         [str(SUBMIT), "--cpus-per-task", "1", *args],
         env={**slurm.env, **env(), **(extra_env or {})},
@@ -82,7 +83,8 @@ def submit(slurm: LocalSlurm, *args: str, extra_env: dict | None = None) -> tupl
     train = re.search(r"^training job (\d+) ", proc.stdout, re.M)
     evaluation = re.search(r"^evaluation job (\d+) ", proc.stdout, re.M)
     assert train and evaluation, proc.stdout
-    return train.group(1), evaluation.group(1)
+    distill = re.search(r"^distillation job (\d+) ", proc.stdout, re.M)
+    return (train.group(1), evaluation.group(1)) + ((distill.group(1),) if distill else ())
 
 
 def plain_run(config: Path, out: Path) -> Path:
@@ -175,14 +177,17 @@ def test_submit_rejects_bad_input_in_one_line(slurm, tmp_path):
 def array_run(slurm, tmp_path_factory):
     root = tmp_path_factory.mktemp("array")
     config = tiny_config(root / "config.yaml", root / "run", root / "cache")
-    train, evaluation = submit(slurm, "--config", str(config), "--eval-procs-per-node", "2")
-    slurm.wait([train, evaluation], timeout=600)
+    train, evaluation, distill = submit(
+        slurm, "--config", str(config), "--eval-procs-per-node", "2", "--distill-arg", "distill.alpha=0.8"
+    )
+    slurm.wait([train, distill, evaluation], timeout=600)
     logs = {i: job_log(f"ensemble-train-{train}_{i}.out") for i in (0, 1)}
     eval_log = job_log(f"ensemble-eval-{evaluation}.out")
+    distill_log = job_log(f"ensemble-distill-{distill}.out")
     for path in REPO.glob("ensemble-*.out"):
         path.unlink()
     return {"root": root, "config": config, "run": root / "run", "train": train, "eval": evaluation,
-            "logs": logs, "eval_log": eval_log}  # fmt: skip
+            "distill": distill, "logs": logs, "eval_log": eval_log, "distill_log": distill_log}  # fmt: skip
 
 
 def test_array_trains_one_member_per_task_then_evaluates(slurm, array_run, tmp_path):
@@ -194,9 +199,12 @@ def test_array_trains_one_member_per_task_then_evaluates(slurm, array_run, tmp_p
     tasks = {int(j["ArrayTaskId"]): j for j in slurm.job(r["train"])}
     assert sorted(tasks) == [0, 1]
     (evaluation,) = slurm.job(r["eval"])
-    assert evaluation["Dependency"] in ("(null)", "") and evaluation["StartTime"] >= max(
-        t["EndTime"] for t in tasks.values()
-    )  # ISO timestamps: string order is time order
+    (distill,) = slurm.job(r["distill"])
+    assert distill["JobState"] == "COMPLETED", r["distill_log"]
+    assert distill["StartTime"] >= max(t["EndTime"] for t in tasks.values())
+    assert evaluation["Dependency"] in ("(null)", "") and evaluation["StartTime"] >= distill["EndTime"]
+    # ISO timestamps: string order is time order
+    assert "--num_processes 2 " in r["distill_log"] and "--resume auto --no-eval" in r["distill_log"]
     for i in (0, 1):
         assert f"--member {i} " in r["logs"][i] and "--num_processes 1 " in r["logs"][i]
         assert f"member-{i} done;" in r["logs"][i]
@@ -221,6 +229,10 @@ def test_array_trains_one_member_per_task_then_evaluates(slurm, array_run, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = json.loads((r["run"] / "results.json").read_text())
     theirs = json.loads((single / "results.json").read_text())
+    # The distilled student (2 processes, alpha from --distill-arg), evaluated by the evaluation job
+    student = json.loads((r["run"] / "student" / "member.json").read_text())
+    assert student["distill"]["alpha"] == 0.8 and student["training"]["processes"] == 2
+    assert ours["student"]["tokens"] == ours["ensemble"]["tokens"] and "student" not in theirs
     assert (ours["evaluation"].pop("processes"), theirs["evaluation"].pop("processes")) == (2, 1)
     ours, theirs = numbers(ours), numbers(theirs)
     shared = ours.keys() & theirs.keys()
