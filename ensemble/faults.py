@@ -1,5 +1,6 @@
 """Fault injection, for the tests of failure handling: ``ENSEMBLE_FAULT`` names faults as
-comma-separated ``kind:member:step[:rank]`` (rank: the launch rank; default every rank):
+comma-separated ``kind:member:step[:rank]`` (rank: the launch rank; default every rank; member
+-1 is the distilled student):
 
 - ``raise``: the member raises a RuntimeError after that optimizer step;
 - ``nan``: the member's loss at that step becomes NaN (a divergence, as far as training can tell);
