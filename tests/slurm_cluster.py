@@ -133,6 +133,16 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
         )
 
+    RELEASE_GRACE_S = 5.0  # how long the nodes stay idle before a requeued job is let go
+
+    @staticmethod
+    def _steps_left(job: dict) -> bool:
+        """Whether a slurmstepd of this job (any step of any attempt) still runs here (both test
+        nodes run on this machine)."""
+        job_id = job.get("ArrayJobId") if job.get("ArrayTaskId") not in (None, "") else job["JobId"]
+        pattern = rf"slurmstepd: \[{job['JobId']}\.|slurmstepd: \[{job_id}\."
+        return subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0
+
     def _nodes_idle(self) -> bool:
         proc = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False)
         states = dict(line.split() for line in proc.stdout.splitlines() if line.strip())
@@ -204,6 +214,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         nodes are idle again, i.e. once the nodes have cleaned up after its previous attempt (a
         real cluster's two minutes leave that time; starting it sooner is a race of our making)."""
         deadline = time.monotonic() + timeout
+        idle_since: float | None = None
         while True:
             jobs = [j for i in job_ids for j in self.job(i)]
             live = [
@@ -213,10 +224,13 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             ]
             if not live:
                 return
-            if release_requeued and self._nodes_idle():
-                for j in live:
-                    if j["JobState"] == "PENDING" and j.get("Reason") == "BeginTime":
-                        self.run(["scontrol", "update", f"JobId={j['JobId']}", "StartTime=now"], check=False)
+            idle = release_requeued and self._nodes_idle()
+            idle_since = (idle_since or time.monotonic()) if idle else None
+            for j in live if idle and time.monotonic() - idle_since >= self.RELEASE_GRACE_S else ():
+                # idle for a while, and no step daemon of the previous attempt left on the machine
+                # (the controller may call a node idle before its slurmstepd processes are gone)
+                if j["JobState"] == "PENDING" and j.get("Reason") == "BeginTime" and not self._steps_left(j):
+                    self.run(["scontrol", "update", f"JobId={j['JobId']}", "StartTime=now"], check=False)
             if time.monotonic() > deadline:
                 states = {j["JobId"]: (j["JobState"], j.get("Reason")) for j in jobs}
                 raise TimeoutError(f"jobs still live after {timeout} s: {states}\n{self.logs()}")

@@ -98,8 +98,9 @@ def plain_run(config: Path, out: Path) -> Path:
 
 
 def job_log(pattern: str) -> str:
-    (path,) = list(REPO.glob(pattern))
-    return path.read_text(errors="replace")
+    """A job's log; a job that never started has none (said so, so that the report goes on)."""
+    paths = list(REPO.glob(pattern))
+    return paths[0].read_text(errors="replace") if paths else f"(no {pattern}: the job never started)"
 
 
 def own_lines(log: str, keep: int = 40) -> str:
