@@ -764,8 +764,7 @@ def _one_models(
             **({"seed": model.seed} if name == STUDENT else {"members": len(members)}),
             **_one_model_row(one, scorer, members),
         }
-        if name == STUDENT:
-            info = read_member_info(model.path)
+        if name == STUDENT:  # (info: the student's member.json, read above)
             out[name]["distill"] = {**info.get("distill", {}), "teachers": sorted(info.get("teachers", {}))}
     return out
 
