@@ -294,6 +294,7 @@ def test_soup_is_the_mean_of_the_weights(pretrained, tmp_path):
 
 
 def refused(capsys, run: Path, *argv: str) -> str:
+    capsys.readouterr()  # only what this call writes
     assert distill_main([str(run), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err, err
@@ -323,7 +324,10 @@ def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys, gpt2_to
     assert "uses a different tokenizer" in refused(capsys, out, f"distill.name_or_path={other}")
     wider = tmp_path / "wider"
     vocab = json.loads((run / "members/member-0/config.json").read_text())["vocab_size"]
-    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=vocab + 8)
+    # special tokens inside the vocabulary: transformers warns otherwise
+    config = GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=vocab + 8, bos_token_id=0, eos_token_id=0
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(wider)
     load_members([run / "members/member-0"], "cpu")[0].tokenizer.save_pretrained(
         wider
