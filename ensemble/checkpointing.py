@@ -307,6 +307,11 @@ def check_resumable(
             f"checkpoint {path} was written with a different config ({changed}); resume with the "
             "config it was trained with (the run's config.yaml), or train into a new output.dir"
         )
+    check_processes(path, info, name, processes)
+
+
+def check_processes(path: Path, info: dict[str, Any], name: str, processes: int) -> None:
+    """Refuse a checkpoint of ``name`` written by another number of processes."""
     if info.get("processes") != processes:
         raise EnsembleError(
             f"checkpoint {path} was written by {info.get('processes')} process(es) training {name}, "

@@ -420,14 +420,18 @@ def distill_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The config sections a distillation may override: the members' model and data are the run's.
+DISTILL_SECTIONS = ("distill", "train", "eval", "checkpoint", "tracking")
+
+
 @guarded
 def distill_main(argv: Sequence[str] | None = None) -> None:
     args = distill_parser().parse_intermixed_args(argv)
     for item in args.overrides:
-        if not item.split("=", 1)[0].startswith(("distill.", "train.", "eval.", "tracking.", "checkpoint.")):
+        if not item.split("=", 1)[0].startswith(tuple(f"{s}." for s in DISTILL_SECTIONS)):
             raise ConfigError(
-                f"override {item!r}: distillation takes distill.*, train.*, eval.*, checkpoint.* and "
-                "tracking.* overrides (the members' model and data are the run's)"
+                f"override {item!r}: distillation takes {', '.join(f'{s}.*' for s in DISTILL_SECTIONS)} "
+                "overrides (the members' model and data are the run's)"
             )
     setup_logging()
     from .distill import distill_run

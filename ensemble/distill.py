@@ -28,6 +28,7 @@ from .architecture import context_length
 from .checkpointing import (
     MemberCheckpoints,
     StopRequest,
+    check_processes,
     check_training_data,
     checkpoints_root,
     config_differences,
@@ -46,7 +47,7 @@ from .evaluation import (
     LoadedMember,
     Sharding,
     body_and_head,
-    check_same_tokenizer,
+    check_same_vocabulary,
     evaluate,
     load_members,
 )
@@ -335,6 +336,7 @@ def student_model(cfg: ExperimentConfig, teachers: list[LoadedMember]) -> tuple[
     d, model = cfg.distill, cfg.model
     ref = teachers[0]
     tokenizer = ref.tokenizer
+    own = None  # the pretrained student's own tokenizer (None: saved without one, or built here)
     if d.name_or_path:
         student = dataclasses.replace(
             model, name_or_path=d.name_or_path, architecture=None, config={}, gpt2_config={}, tokenizer=None
@@ -342,7 +344,6 @@ def student_model(cfg: ExperimentConfig, teachers: list[LoadedMember]) -> tuple[
         from transformers import AutoTokenizer
 
         local = Path(d.name_or_path)
-        own = None  # a model saved without its tokenizer: the vocabulary check below remains
         if not local.is_dir() or any(
             (local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
         ):
@@ -350,11 +351,6 @@ def student_model(cfg: ExperimentConfig, teachers: list[LoadedMember]) -> tuple[
                 own = AutoTokenizer.from_pretrained(d.name_or_path)
             except (OSError, ValueError):
                 pass
-        if own is not None:
-            check_same_tokenizer(
-                ref, own, f"the student distill.name_or_path={d.name_or_path}",
-                "use a student with the members' tokenizer",
-            )  # fmt: skip
     elif d.config:
         if not model.model_type:
             raise EnsembleError(
@@ -370,11 +366,11 @@ def student_model(cfg: ExperimentConfig, teachers: list[LoadedMember]) -> tuple[
     else:
         student = model
     model_config = fit_model_config(student, load_model_config(student), tokenizer)
-    if model_config.vocab_size != ref.config.vocab_size:
-        raise EnsembleError(
-            f"the student predicts over {model_config.vocab_size} tokens but the members over "
-            f"{ref.config.vocab_size}; the student must share the members' vocabulary"
-        )
+    check_same_vocabulary(
+        ref, f"the student distill.name_or_path={d.name_or_path}" if d.name_or_path else "the student",
+        model_config.vocab_size, own,
+        fix="the student must share the members' tokenizer and vocabulary", against="the members",
+    )  # fmt: skip
     return dataclasses.replace(cfg, model=student), model_config, tokenizer
 
 
@@ -444,11 +440,7 @@ def _resume_point(
             f"checkpoint {start} was written by another distillation ({changed}); resume with the same "
             "members, config and overrides, or pass --overwrite to start over"
         )
-    if info.get("processes") != processes:
-        raise EnsembleError(
-            f"checkpoint {start} was written by {info.get('processes')} process(es) but this launch has "
-            f"{processes}; relaunch with the same number of processes (the data order depends on it)"
-        )
+    check_processes(start, info, STUDENT, processes)
     check_training_data(start, info, data.fingerprint["splits"]["train"]["sha256"])
     logger.info("the student resumes from %s", start)
     return start

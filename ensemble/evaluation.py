@@ -110,30 +110,36 @@ def load_members(
     _unique_names(members)
     ref = members[0]
     for m in members[1:]:
-        check_same_tokenizer(
-            ref, m.tokenizer, f"member {m.name} ({m.path})", "ensemble members must share one tokenizer"
-        )
-        if m.config.vocab_size != ref.config.vocab_size:
-            raise EnsembleError(
-                f"member {m.name} ({m.path}) predicts over {m.config.vocab_size} tokens but "
-                f"{ref.name} over {ref.config.vocab_size}; members must share one vocabulary"
-            )
+        check_same_vocabulary(
+            ref, f"member {m.name} ({m.path})", m.config.vocab_size, m.tokenizer,
+            fix="ensemble members must share one tokenizer and vocabulary",
+        )  # fmt: skip
     return members
 
 
-def check_same_tokenizer(ref: LoadedMember, tokenizer: Any, what: str, fix: str) -> None:
-    """Refuse ``tokenizer`` (of ``what``) unless it tokenizes as ``ref``'s: the same vocabulary,
-    end-of-text id and ids for a probe text; the error says ``fix``."""
-    vocab, ref_vocab = tokenizer.get_vocab(), ref.tokenizer.get_vocab()
-    if (
-        vocab != ref_vocab
-        or tokenizer.eos_token_id != ref.tokenizer.eos_token_id
-        or tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-        != ref.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-    ):
+def check_same_vocabulary(
+    ref: LoadedMember, what: str, vocab_size: int, tokenizer: Any | None, fix: str, against: str | None = None
+) -> None:
+    """Refuse a model (``what``) that does not predict over ``ref``'s vocabulary: its
+    ``tokenizer`` (unless None: a model saved without one) must tokenize as ``ref``'s (the same
+    vocabulary, end-of-text id and ids for a probe text), and its output layer must have as many
+    tokens. The error names ``against`` (default: ``ref``'s name) and says ``fix``."""
+    against = against or ref.name
+    if tokenizer is not None:
+        vocab, ref_vocab = tokenizer.get_vocab(), ref.tokenizer.get_vocab()
+        if (
+            vocab != ref_vocab
+            or tokenizer.eos_token_id != ref.tokenizer.eos_token_id
+            or tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+            != ref.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        ):
+            raise EnsembleError(
+                f"{what} uses a different tokenizer than {against} ({len(vocab)} vs {len(ref_vocab)} "
+                f"tokens); {fix}"
+            )
+    if vocab_size != ref.config.vocab_size:
         raise EnsembleError(
-            f"{what} uses a different tokenizer than {ref.name} ({len(vocab)} vs {len(ref_vocab)} "
-            f"tokens); {fix}"
+            f"{what} predicts over {vocab_size} tokens but {against} over {ref.config.vocab_size}; {fix}"
         )
 
 
@@ -727,13 +733,11 @@ def _one_models(
         path = Path(outputs.student)
         info = read_member_info(path)
         (student,) = load_members([path], device)
-        check_same_tokenizer(ref, student.tokenizer, f"the student {path}", "distil it from these members")
-        if student.config.vocab_size != ref.config.vocab_size:
-            raise EnsembleError(
-                f"the student {path} predicts over {student.config.vocab_size} tokens but the members "
-                f"over {ref.config.vocab_size}; distil it from these members"
-            )
-        student.name, student.seed = STUDENT, info.get("seed")
+        check_same_vocabulary(
+            ref, f"the student {path}", student.config.vocab_size, student.tokenizer,
+            fix="distil it from these members", against="the members",
+        )  # fmt: skip
+        student.name = STUDENT
         models[STUDENT] = student
         teachers = sorted(info.get("teachers", {}).values(), key=str)
         evaluated = sorted((read_member_info(m).get("weights_sha256", {}) for m in member_paths), key=str)
