@@ -5,10 +5,17 @@ foreground by us and stopped by its pid.
 
 Needs Debian's `slurmctld slurmd slurm-client munge` (`.ci/run` installs them) and root (slurmd
 starts jobs as their user).
+
+With ENSEMBLE_SLURM_EVIDENCE=DIR the cluster keeps what tells why a job went wrong: the daemons
+log at debug level, every change of a job's record seen while waiting is written to
+`jobs.trail`, and on stop the logs, that trail, the jobs' output files and (where Debian's
+`slurmdbd` and `mariadb-server` are installed, so that a real accounting database runs) `sacct`'s
+records of every attempt are copied into DIR/<cluster>/ before the cluster's files are removed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,6 +27,7 @@ import time
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
+ACCOUNTING = ("mariadb-install-db", "mariadbd", "mariadb", "slurmdbd", "sacctmgr", "sacct")
 CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "srun", "sinfo")
 NODES = ("n1", "n2")
 CPUS_PER_NODE = 2
@@ -62,6 +70,11 @@ class LocalSlurm:
         self.dir = Path(tempfile.mkdtemp(prefix="ensemble-slurm-"))
         self.dir.chmod(0o755)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.evidence = (
+            Path(os.environ["ENSEMBLE_SLURM_EVIDENCE"]) if os.environ.get("ENSEMBLE_SLURM_EVIDENCE") else None
+        )
+        self.accounting = self.evidence is not None and all(_find(n) for n in ACCOUNTING)
+        self._trail: dict[str, str] = {}  # job id -> its last record written to jobs.trail
         self.env = {**os.environ, "SLURM_CONF": str(self.dir / "slurm.conf")}
         for var in [v for v in self.env if v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
             if var != "SLURM_CONF":
@@ -76,7 +89,7 @@ class LocalSlurm:
         key = d / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
-        ctld_port, *node_ports = _free_ports(1 + len(NODES))
+        ctld_port, db_port, dbd_port, *node_ports = _free_ports(3 + len(NODES))
         host = socket.gethostname()
         (d / "plugstack.conf").write_text("")
         nodes = "\n".join(
@@ -102,11 +115,12 @@ PlugStackConfig={d}/plugstack.conf
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
 MpiDefault=none
 SchedulerType=sched/builtin
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
+{self._accounting_conf(dbd_port) if self.accounting else ""}
+{"SlurmctldDebug=debug" + chr(10) + "SlurmdDebug=debug" if self.evidence else ""}
 ReturnToService=2
 InactiveLimit=0
 KillWait=30
@@ -121,11 +135,67 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
              f"--pid-file={d}/munged.pid", f"--log-file={d}/log/munged.log", f"--seed-file={d}/munged.seed"],
         )  # fmt: skip
         self._wait(lambda: (d / "munge.sock").exists(), 10, "munged did not create its socket")
+        if self.accounting:
+            self._start_accounting(db_port, dbd_port)
         self._daemon("slurmctld", [_find("slurmctld"), "-D", "-i", "-f", str(d / "slurm.conf")])
         for n in NODES:
             self._daemon(f"slurmd-{n}", [_find("slurmd"), "-D", "-N", n, "-f", str(d / "slurm.conf")])
         self._wait(self._nodes_idle, timeout, "the nodes did not become idle")
         return self
+
+    def _accounting_conf(self, dbd_port: int) -> str:
+        return (
+            "AccountingStorageType=accounting_storage/slurmdbd\n"
+            f"AccountingStorageHost=localhost\nAccountingStoragePort={dbd_port}\n"
+            f"AccountingStoragePass={self.dir}/munge.sock"  # munge's socket, for the clients' connection
+        )
+
+    def _start_accounting(self, db_port: int, dbd_port: int) -> None:
+        """A MariaDB server and slurmdbd of our own, so that sacct has every attempt's record
+        (evidence only: the tests do not need it)."""
+        d = self.dir
+        self.run(
+            [
+                _find("mariadb-install-db"),
+                "--user=root",
+                f"--datadir={d}/db",
+                "--auth-root-authentication-method=normal",
+            ]
+        )
+        self._daemon(
+            "mariadbd",
+            [_find("mariadbd"), "--no-defaults", "--user=root", f"--datadir={d}/db", f"--socket={d}/db.sock",
+             f"--port={db_port}", "--bind-address=127.0.0.1", "--skip-name-resolve", f"--pid-file={d}/db.pid",
+             f"--log-error={d}/log/mariadb.log"],
+        )  # fmt: skip
+        sql = "CREATE USER 'slurm'@'127.0.0.1'; GRANT ALL ON *.* TO 'slurm'@'127.0.0.1';"
+        self._wait(
+            lambda: self.run([_find("mariadb"), f"--socket={d}/db.sock", "-uroot", "-e", sql], check=False).returncode == 0,
+            60, "mariadbd did not start",
+        )  # fmt: skip
+        conf = d / "slurmdbd.conf"
+        conf.write_text(
+            f"""AuthType=auth/munge
+AuthInfo=socket={d}/munge.sock
+DbdHost=localhost
+DbdPort={dbd_port}
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort={db_port}
+StorageUser=slurm
+StorageLoc=slurm_acct_db
+PidFile={d}/slurmdbd.pid
+LogFile={d}/log/slurmdbd.log
+DebugLevel=debug
+"""
+        )
+        conf.chmod(0o600)
+        self._daemon("slurmdbd", [_find("slurmdbd"), "-D"])
+        self._wait(
+            lambda: self.run(["sacctmgr", "-i", "add", "cluster", "ensembletest"], check=False).returncode == 0,
+            60, "slurmdbd did not start",
+        )  # fmt: skip
 
     def _daemon(self, name: str, cmd: list[str]) -> None:
         log = open(self.dir / "log" / f"{name}.stdout", "w")
@@ -159,7 +229,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             time.sleep(0.3)
 
     def stop(self) -> None:
-        """Cancel every job, then stop the daemons we started (by pid), then remove the files."""
+        """Cancel every job, then stop the daemons we started (by pid), then remove the files
+        (with ENSEMBLE_SLURM_EVIDENCE, after keeping what tells why a job went wrong)."""
+        if self.evidence is not None:
+            self.keep_evidence()
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run(["scancel", "--full", "--user", "root"], check=False)
             deadline = time.monotonic() + 30
@@ -175,6 +248,42 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                     proc.kill()
                     proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def keep_evidence(self) -> Path:
+        """Copy the daemons' logs, the jobs' trail and every attempt's accounting record into
+        ENSEMBLE_SLURM_EVIDENCE/<cluster>/; returns that directory."""
+        out = self.evidence / self.dir.name
+        shutil.copytree(self.dir / "log", out, dirs_exist_ok=True)
+        if self.accounting:
+            fields = "JobIDRaw,JobName,State,ExitCode,DerivedExitCode,Reason,NodeList,Submit,Start,End"
+            proc = self.run(
+                ["sacct", "-a", "-D", "-X", "-P", "--starttime=2000-01-01", "-o", fields], check=False
+            )  # -D: every attempt of a requeued job, not only the last
+            (out / "sacct.txt").write_text(proc.stdout + proc.stderr)
+            proc = self.run(["sacct", "-a", "-D", "-P", "--starttime=2000-01-01", "-o", fields], check=False)
+            (out / "sacct-steps.txt").write_text(proc.stdout + proc.stderr)
+        return out
+
+    def discard(self, paths) -> None:
+        """Remove files the jobs wrote (their logs); with ENSEMBLE_SLURM_EVIDENCE they are moved
+        into the evidence directory instead."""
+        for path in paths:
+            if self.evidence is not None:
+                (self.evidence / self.dir.name).mkdir(parents=True, exist_ok=True)
+                shutil.move(path, self.evidence / self.dir.name / Path(path).name)
+            else:
+                Path(path).unlink()
+
+    def _record_trail(self, jobs: list[dict[str, str]]) -> None:
+        """Write each job's record to jobs.trail whenever it changed since the last one seen."""
+        keep = ("JobState", "Reason", "Restarts", "BatchFlag", "ExitCode", "NodeList", "BatchHost",
+                "StartTime", "EndTime", "Requeue")  # fmt: skip
+        with open(self.dir / "log" / "jobs.trail", "a") as trail:
+            for job in jobs:
+                line = json.dumps({k: job.get(k) for k in keep})
+                if self._trail.get(job["JobId"]) != line:
+                    self._trail[job["JobId"]] = line
+                    trail.write(f"{time.strftime('%H:%M:%S')} {job['JobId']} {line}\n")
 
     def logs(self) -> str:
         return "\n".join(self.log_tail(path.name) for path in sorted((self.dir / "log").glob("*")))
@@ -202,6 +311,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         for line in text.splitlines():
             if line.strip():
                 jobs.append(dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", line)))
+        if self.evidence is not None:
+            self._record_trail(jobs)
         return jobs
 
     def wait_for(self, ready, timeout: float) -> None:

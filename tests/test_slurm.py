@@ -134,11 +134,11 @@ def numbers(results: dict) -> dict[str, float]:
 
 
 @pytest.fixture(autouse=True)
-def _no_stray_logs():
+def _no_stray_logs(request):
     """The jobs write their logs into the repository (where sbatch runs): remove them after."""
     yield
-    for path in REPO.glob("ensemble-*.out"):
-        path.unlink()
+    if "slurm" in request.fixturenames:
+        request.getfixturevalue("slurm").discard(REPO.glob("ensemble-*.out"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,8 +185,7 @@ def array_run(slurm, tmp_path_factory):
     logs = {i: job_log(f"ensemble-train-{train}_{i}.out") for i in (0, 1)}
     eval_log = job_log(f"ensemble-eval-{evaluation}.out")
     distill_log = job_log(f"ensemble-distill-{distill}.out")
-    for path in REPO.glob("ensemble-*.out"):
-        path.unlink()
+    slurm.discard(REPO.glob("ensemble-*.out"))
     return {"root": root, "config": config, "run": root / "run", "train": train, "eval": evaluation,
             "distill": distill, "logs": logs, "eval_log": eval_log, "distill_log": distill_log}  # fmt: skip
 

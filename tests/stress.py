@@ -1,0 +1,80 @@
+"""Run some tests many times in a row, to find out whether (and how often) they fail.
+
+    python -m tests.stress --runs 30 --load 1 --out stress/slurm -- tests/test_slurm.py -k multinode
+
+Each run is one `python -m pytest -x ARGS` in a fresh process, one after the other. With
+``--load N``, N CPU-bound processes of our own spin beside the tests the whole time (the machine
+busy, as on a shared CI runner). Every run's pytest output goes to OUT/run-K/pytest.txt, and the
+Slurm cluster of tests/slurm_cluster.py keeps its evidence there (ENSEMBLE_SLURM_EVIDENCE): the
+daemons' debug logs, every job record seen, the jobs' own logs and sacct's records. A run that
+passed has its evidence removed unless ``--keep-passed``. OUT/summary.txt gets one line per run;
+the last line printed is the failure rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=10, help="how many runs (default 10)")
+    parser.add_argument(
+        "--load", type=int, default=0, help="CPU-bound processes beside the tests (default 0)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="where each run's output and evidence go")
+    parser.add_argument("--keep-passed", action="store_true", help="keep the evidence of runs that passed")
+    parser.add_argument("pytest_args", nargs="+", help="what to give pytest (after --)")
+    args = parser.parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()):
+        parser.error(f"--out {args.out} is not empty: choose a new directory, so that no evidence is mixed")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    hogs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.load)]
+    for hog in hogs:
+        hog.start()
+    failures = 0
+    try:
+        for k in range(1, args.runs + 1):
+            run_dir = args.out / f"run-{k:03d}"
+            run_dir.mkdir()
+            env = {**os.environ, "ENSEMBLE_SLURM_EVIDENCE": str(run_dir.resolve())}
+            start = time.monotonic()
+            with open(run_dir / "pytest.txt", "w") as log:
+                status = subprocess.run(
+                    [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", *args.pytest_args],
+                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                ).returncode  # fmt: skip
+            seconds = time.monotonic() - start
+            failures += status != 0
+            line = f"run {k}: {'passed' if status == 0 else f'FAILED (pytest exit {status})'} in {seconds:.0f} s, load {args.load}"
+            with open(args.out / "summary.txt", "a") as summary:
+                summary.write(line + "\n")
+            print(line, flush=True)
+            if status == 0 and not args.keep_passed:
+                shutil.rmtree(run_dir)
+    finally:
+        for hog in hogs:
+            hog.terminate()
+    print(f"{failures} of {args.runs} runs failed ({' '.join(args.pytest_args)}; load {args.load})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
