@@ -55,9 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
         train_run(member_cfg, evaluate_after=False)
         distill_run(
-            run.root, [*common, f"distill.dir={tmp}/student", f"checkpoint.dir={tmp}/checkpoints"],
+            run.root,
+            [*common, f"distill.dir={tmp}/student", f"checkpoint.dir={tmp}/checkpoints"],
             evaluate_after=False,
-        )  # fmt: skip
+        )
         member = json.loads((Path(tmp) / "member/members/member-0/member.json").read_text())["training"]
         student = json.loads((Path(tmp) / "student/member.json").read_text())["training"]
     figures = {

@@ -142,8 +142,9 @@ def worker(
             writer = TokenWriter(
                 Path(tmp) / "t.parquet", names, loaded[0].tokenizer, loaded[0].config.vocab_size, 0, 1
             )
-            scorer = evaluate_members(loaded, blocks, eval_cfg, device, show_progress=False, keep_blocks=True,
-                                      tokens=writer)  # fmt: skip
+            scorer = evaluate_members(
+                loaded, blocks, eval_cfg, device, show_progress=False, keep_blocks=True, tokens=writer
+            )
             writer.finish(-(-len(blocks) // batch_size))
             compiled.append(scorer.compiled)
             return scorer.tokens
@@ -165,8 +166,13 @@ def worker(
         if repeat == 0:
             peak = max(_peak_bytes() - before, 0)  # the memory of one evaluation
     seconds = min(times)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "eval_peak_bytes": peak,
-            "compiled": all(compiled) if compiled else None}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "eval_peak_bytes": peak,
+        "compiled": all(compiled) if compiled else None,
+    }
 
 
 def run_worker(
@@ -207,20 +213,28 @@ def compare_devices(members: list[Path], data: Path, devices: list[str], batch_s
     for device in devices:
         loaded = load_members(members, device)
         blocks = prepare_data(
-            DataConfig(test_files=[str(data)], txt_sample_by="paragraph"), loaded[0].tokenizer,
-            min(context_length(m.config) for m in loaded), splits=("test",),
-        ).eval_blocks("test")  # fmt: skip
-        cfg = EvalConfig(per_device_batch_size=batch_size, combiners=["mean_prob", "mean_logit"], precision="float32",
-                         bootstrap_samples=0)  # fmt: skip
+            DataConfig(test_files=[str(data)], txt_sample_by="paragraph"),
+            loaded[0].tokenizer,
+            min(context_length(m.config) for m in loaded),
+            splits=("test",),
+        ).eval_blocks("test")
+        cfg = EvalConfig(
+            per_device_batch_size=batch_size,
+            combiners=["mean_prob", "mean_logit"],
+            precision="float32",
+            bootstrap_samples=0,
+        )
         scorer = evaluate_members(loaded, blocks, cfg, device, keep_blocks=True, show_progress=False)
         results[device] = results_dict(
             loaded, scorer, cfg, "test", blocks, {}, Sharding("data", 0, 1, len(loaded))
         )
         results[device]["compiled"] = scorer.compiled
     a, b = (_numbers(results[d]) for d in devices)
-    print(f"{devices[0]} (scoring {'compiled' if results[devices[0]]['compiled'] else 'eager'}) against "
-          f"{devices[1]} (scoring {'compiled' if results[devices[1]]['compiled'] else 'eager'}), "
-          f"{results[devices[0]]['ensemble']['tokens']:,} tokens, float32 forward passes:")  # fmt: skip
+    print(
+        f"{devices[0]} (scoring {'compiled' if results[devices[0]]['compiled'] else 'eager'}) against "
+        f"{devices[1]} (scoring {'compiled' if results[devices[1]]['compiled'] else 'eager'}), "
+        f"{results[devices[0]]['ensemble']['tokens']:,} tokens, float32 forward passes:"
+    )
     worst: dict[str, tuple[float, str]] = {}
     for key in sorted(a.keys() & b.keys()):
         section = key.split(".")[1].split("[")[0]
@@ -256,10 +270,12 @@ def main() -> None:
         help="only the N-member rows with and without the uncertainty (and with every output)",
     )
     p.add_argument(
-        "--compare", nargs=2, metavar="DEVICE",
+        "--compare",
+        nargs=2,
+        metavar="DEVICE",
         help="instead: evaluate the members on the 1x test set on both devices (float32 forward "
         "passes, each device's default scoring) and print the largest differences per section",
-    )  # fmt: skip
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--members", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--combiners", nargs="*", default=["mean_prob"], help=argparse.SUPPRESS)
@@ -301,12 +317,16 @@ def main() -> None:
             f"ours, {n} members, 3 combiners, no uncertainty": ("ours-plain", all_combiners),
             f"ours, {n} members, 3 combiners, every output": ("ours-all", all_combiners),
         }
-        wanted = cost if args.cost_only else {
-            "ours, 1 member": ("ours", ["mean_prob"]),
-            f"ours, {n} members, mean_prob": ("ours", ["mean_prob"]),
-            **cost,
-            f"naive, {n} members": ("naive", []),
-        }  # fmt: skip
+        wanted = (
+            cost
+            if args.cost_only
+            else {
+                "ours, 1 member": ("ours", ["mean_prob"]),
+                f"ours, {n} members, mean_prob": ("ours", ["mean_prob"]),
+                **cost,
+                f"naive, {n} members": ("naive", []),
+            }
+        )
         rows = {
             label: run_worker(
                 kind, members[:1] if label == "ours, 1 member" else members, files["4x"], args, comb

@@ -174,9 +174,11 @@ def main() -> None:
     p.add_argument("--tokenizer", default=str(SHARED / "gpt2-tokenizer"))
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument(
-        "--check", nargs="+", metavar="DEVICE",
+        "--check",
+        nargs="+",
+        metavar="DEVICE",
         help="first check correctness with the members on these devices, one per member (e.g. cuda:0 cpu cuda:0)",
-    )  # fmt: skip
+    )
     args = p.parse_args()
     dtype = "auto"  # bfloat16 on a GPU, float32 on the CPU
     with tempfile.TemporaryDirectory() as tmp:

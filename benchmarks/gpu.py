@@ -76,8 +76,17 @@ def _precision(device: torch.device) -> str:
 # Training
 
 
-def minimal_loop(model_kwargs: dict, vocab: int, block: int, batch: int, steps: int, warmup: int,
-                 device: torch.device, compiled: bool, tokens: torch.Tensor) -> float:  # fmt: skip
+def minimal_loop(
+    model_kwargs: dict,
+    vocab: int,
+    block: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    compiled: bool,
+    tokens: torch.Tensor,
+) -> float:
     """Tokens/s of the shortest correct training loop for this model and batch."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
@@ -221,8 +230,12 @@ def evaluation(run: Path, text: Path, size: dict, device: torch.device) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["full", "small", "auto"], default="auto",
-                   help="full: GPT-2 small (auto on a GPU); small: a 2-layer stand-in (auto on CPU)")  # fmt: skip
+    p.add_argument(
+        "--size",
+        choices=["full", "small", "auto"],
+        default="auto",
+        help="full: GPT-2 small (auto on a GPU); small: a 2-layer stand-in (auto on CPU)",
+    )
     p.add_argument("--steps", type=int, help="measured steps of the minimal loops, and our steps per member")
     p.add_argument("--members", type=int, default=3)
     p.add_argument("--text", default=str(SHARED / "tinyshakespeare.txt"))
@@ -276,8 +289,10 @@ def main() -> None:
                     f"training {label}: minimal loop, {'compiled' if compiled else 'eager'} ...", flush=True
                 )
                 rows[f"minimal, {'compiled' if compiled else 'eager'}"] = {
-                    "tokens_per_s": minimal_loop(kwargs, v, block, batch, steps, size["warmup"], device, compiled, tokens)
-                }  # fmt: skip
+                    "tokens_per_s": minimal_loop(
+                        kwargs, v, block, batch, steps, size["warmup"], device, compiled, tokens
+                    )
+                }
             print(f"training {label}: ours ({args.members} members) ...", flush=True)
             if label == "main":
                 overrides = [

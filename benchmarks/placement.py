@@ -35,8 +35,13 @@ def run(placement: str, args: argparse.Namespace, out: Path) -> dict:
     members = [json.loads((out / m["path"] / "member.json").read_text()) for m in manifest["members"]]
     tokens = sum(m["training"]["tokens"] for m in members)
     seconds = manifest["timing"]["train_seconds"]
-    return {"layout": manifest["layout"], "members": members, "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds}  # fmt: skip
+    return {
+        "layout": manifest["layout"],
+        "members": members,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+    }
 
 
 def main() -> None:
@@ -64,16 +69,20 @@ def main() -> None:
             t = m["training"]
             mfu = f"{t['mfu']:.2%}" if t.get("mfu") is not None else "n/a"
             ranks = ",".join(map(str, t["ranks"]))
-            print(f"{placement:<11} {m['name']:<9} {ranks:<10} {t['tokens']:>9,} {t['seconds']:>8.1f} "
-                  f"{t['tokens_per_s']:>9,.0f} {mfu:>7}")  # fmt: skip
+            print(
+                f"{placement:<11} {m['name']:<9} {ranks:<10} {t['tokens']:>9,} {t['seconds']:>8.1f} "
+                f"{t['tokens_per_s']:>9,.0f} {mfu:>7}"
+            )
         print(
             f"{placement:<11} {'total':<9} {'':<10} {r['tokens']:>9,} {r['seconds']:>8.1f} {r['tokens_per_s']:>9,.0f}"
         )
     ratio = results["parallel"]["tokens_per_s"] / results["sequential"]["tokens_per_s"]
     print(f"total tokens/s, parallel / sequential: {ratio:.2f}")
     peak = results["parallel"]["members"][0]["training"]
-    print(f"MFU: {peak['flops_per_token']:.3g} FLOPs/token (6N + 6·L·C·T) over peak {peak['peak_tflops']:.3g} "
-          f"TFLOP/s per device ({peak['peak_source']})")  # fmt: skip
+    print(
+        f"MFU: {peak['flops_per_token']:.3g} FLOPs/token (6N + 6·L·C·T) over peak {peak['peak_tflops']:.3g} "
+        f"TFLOP/s per device ({peak['peak_source']})"
+    )
 
 
 if __name__ == "__main__":

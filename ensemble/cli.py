@@ -202,9 +202,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
         "overrides: data.* and eval.* keys, e.g. eval.per_device_batch_size=8",
     )
     p.add_argument(
-        "items", nargs="*", metavar="RUN_DIR | section.key=value",
+        "items",
+        nargs="*",
+        metavar="RUN_DIR | section.key=value",
         help="the run directory written by launch/train.py (unless --members), then data.*/eval.* overrides",
-    )  # fmt: skip
+    )
     p.add_argument("--members", nargs="+", metavar="DIR", help="member directories (instead of a run)")
     p.add_argument("--config", help="YAML config for the data (default: the run's or first member's)")
     p.add_argument(
@@ -219,33 +221,40 @@ def evaluate_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", help="directory for results.json/.md (default: the run, or <run>/eval/<data>)")
     p.add_argument(
-        "--ood", nargs="+", metavar="FILE", default=[],
+        "--ood",
+        nargs="+",
+        metavar="FILE",
+        default=[],
         help="out-of-domain text file(s): their blocks are told apart from the split's by each "
         "uncertainty score (AUROC, FPR at 95%% TPR) in results.json and ood.png",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--tokens-out", metavar="FILE",
+        "--tokens-out",
+        metavar="FILE",
         help="write every predicted token (its probability under each member and the ensemble, "
         "entropy, mutual information) to this Parquet file, streamed",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--html", metavar="FILE",
+        "--html",
+        metavar="FILE",
         help="write a page showing the split's first tokens shaded by the members' disagreement",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--html-tokens", type=int, default=2000, metavar="N", help="tokens on the --html page (2000)"
     )
     p.add_argument(
-        "--student", metavar="DIR",
+        "--student",
+        metavar="DIR",
         help="a distilled student to evaluate beside the members (default: RUN_DIR/student, when "
         "launch/distill.py wrote one)",
-    )  # fmt: skip
+    )
     p.add_argument("--no-student", action="store_true", help="do not evaluate the run's student")
     p.add_argument(
-        "--save-soup", metavar="DIR",
+        "--save-soup",
+        metavar="DIR",
         help="save the uniform average of the members' weights in Hugging Face format (members "
         "fine-tuned from one pretrained model only)",
-    )  # fmt: skip
+    )
     return p
 
 
@@ -470,31 +479,41 @@ def generate_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     e = p.add_argument_group("ensemble")
     e.add_argument(
-        "--combiner", default=HEADLINE,
+        "--combiner",
+        default=HEADLINE,
         help=f"how members' distributions combine: {', '.join(COMBINERS)} (weighted: the weights the "
         "run's evaluation fitted)",
-    )  # fmt: skip
+    )
     e.add_argument(
         "--no-fitted-temperatures", action="store_true", help="ignore temperatures fitted by the evaluation"
     )
     e.add_argument(
-        "--devices", nargs="+", metavar="DEVICE",
+        "--devices",
+        nargs="+",
+        metavar="DEVICE",
         help="one device for all members, or one per member (cuda:0 cuda:1 ...); auto: one GPU per member "
         "round-robin (default: cuda:0, else cpu)",
-    )  # fmt: skip
+    )
     e.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
         help="the members' weights (auto: bfloat16 on GPUs that support it, else float32)",
-    )  # fmt: skip
+    )
     u = p.add_argument_group("output")
     u.add_argument(
-        "--show-uncertainty", action="store_true",
+        "--show-uncertainty",
+        action="store_true",
         help="mark each generated token by how much the members disagreed (mutual information)",
-    )  # fmt: skip
+    )
     u.add_argument(
-        "--uncertainty-levels", type=float, nargs=2, default=(0.1, 0.5), metavar=("MEDIUM", "HIGH"),
+        "--uncertainty-levels",
+        type=float,
+        nargs=2,
+        default=(0.1, 0.5),
+        metavar=("MEDIUM", "HIGH"),
         help="mutual information (nats) from which a token is shaded as medium / high disagreement",
-    )  # fmt: skip
+    )
     u.add_argument("--output", type=Path, help="also write the continuations as JSON lines")
     return p
 
@@ -527,9 +546,12 @@ def generate_main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     devices = args.devices[0] if args.devices and len(args.devices) == 1 else args.devices
     model, tokenizer = load_ensemble(
-        source, combiner=args.combiner, devices=devices, dtype=args.dtype,
+        source,
+        combiner=args.combiner,
+        devices=devices,
+        dtype=args.dtype,
         fitted_temperatures=not args.no_fitted_temperatures,
-    )  # fmt: skip
+    )
     results = continue_prompts(model, tokenizer, prompts, settings, show_uncertainty=args.show_uncertainty)
     if args.output:
         write_records(args.output, results)

@@ -140,7 +140,7 @@ for _c in (
         "logprobs",
         lambda out, log_w: MeanProb(log_weights=log_w, out=out),
         fitted=True,
-    ),  # fmt: skip
+    ),
 ):
     register_combiner(_c)
 

@@ -181,9 +181,12 @@ class DistillObjective:
         teacher_logp = self.teacher.logprobs(batch)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
         return distillation_loss(
-            logits.reshape(-1, logits.shape[-1]), teacher_logp, batch[:, 1:].reshape(-1), self.alpha,
+            logits.reshape(-1, logits.shape[-1]),
+            teacher_logp,
+            batch[:, 1:].reshape(-1),
+            self.alpha,
             self.temperature,
-        )  # fmt: skip
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,17 +226,29 @@ def distill_run(
         worlds.wait_all("output")
         start = _resume_point(setup, student_cfg, launch.world_size, resume, data)
         teacher = Teacher(
-            teachers, sharding, cfg.distill.temperature, device,
-            resolve_eval_precision(cfg.eval.precision, device), cfg.eval.chunk_tokens,
-        )  # fmt: skip
+            teachers,
+            sharding,
+            cfg.distill.temperature,
+            device,
+            resolve_eval_precision(cfg.eval.precision, device),
+            cfg.eval.chunk_tokens,
+        )
         job = MemberJob(
-            student_cfg, setup.spec, data, tokenizer, model_config, paths,
+            student_cfg,
+            setup.spec,
+            data,
+            tokenizer,
+            model_config,
+            paths,
             flops_per_token=flops_per_token(model_config, data.block_size),
             compile_model=resolve_compile(cfg.train.compile, device, "train.compile"),
-            zero=zero, run_id=_run_id(paths), resume_from=start,
+            zero=zero,
+            run_id=_run_id(paths),
+            resume_from=start,
             objective=DistillObjective(teacher, cfg.distill.alpha, cfg.distill.temperature),
-            destination=setup.student, record=setup.record,
-        )  # fmt: skip
+            destination=setup.student,
+            record=setup.record,
+        )
         if setup.complete:
             logger.info("%s is complete: %s (pass --overwrite to distil again)", STUDENT, setup.student)
         else:
@@ -248,9 +263,16 @@ def distill_run(
         results = None
         if evaluate_after:
             results = evaluate(
-                setup.members, cfg.data, cfg.eval, cfg.eval.split, paths.root, device, data,
-                main_first=worlds.main_first, outputs=EvalOutputs(student=setup.student),
-            )  # fmt: skip
+                setup.members,
+                cfg.data,
+                cfg.eval,
+                cfg.eval.split,
+                paths.root,
+                device,
+                data,
+                main_first=worlds.main_first,
+                outputs=EvalOutputs(student=setup.student),
+            )
         worlds.wait_all("finished")
         return results
     finally:
@@ -367,10 +389,13 @@ def student_model(cfg: ExperimentConfig, teachers: list[LoadedMember]) -> tuple[
         student = model
     model_config = fit_model_config(student, load_model_config(student), tokenizer)
     check_same_vocabulary(
-        ref, f"the student distill.name_or_path={d.name_or_path}" if d.name_or_path else "the student",
-        model_config.vocab_size, own,
-        fix="the student must share the members' tokenizer and vocabulary", against="the members",
-    )  # fmt: skip
+        ref,
+        f"the student distill.name_or_path={d.name_or_path}" if d.name_or_path else "the student",
+        model_config.vocab_size,
+        own,
+        fix="the student must share the members' tokenizer and vocabulary",
+        against="the members",
+    )
     return dataclasses.replace(cfg, model=student), model_config, tokenizer
 
 

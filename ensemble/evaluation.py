@@ -111,9 +111,12 @@ def load_members(
     ref = members[0]
     for m in members[1:]:
         check_same_vocabulary(
-            ref, f"member {m.name} ({m.path})", m.config.vocab_size, m.tokenizer,
+            ref,
+            f"member {m.name} ({m.path})",
+            m.config.vocab_size,
+            m.tokenizer,
             fix="ensemble members must share one tokenizer and vocabulary",
-        )  # fmt: skip
+        )
     return members
 
 
@@ -435,9 +438,15 @@ def evaluate_members(
     compiled = resolve_compile(cfg.compile, device, "eval.compile")
     parts = {i: body_and_head(members[i].model) for i in sorted(sharding.members_held)}
     stream = _Stream(
-        parts, len(members), members[0].config.vocab_size, cfg.chunk_tokens, sharding, collectives, device,
+        parts,
+        len(members),
+        members[0].config.vocab_size,
+        cfg.chunk_tokens,
+        sharding,
+        collectives,
+        device,
         precision,
-    )  # fmt: skip
+    )
     n = len(members)
     combiners = usable_combiners(cfg.combiners, n)
     temperatures, weights = fitted if fitted is not None else (np.ones(n), None)
@@ -448,19 +457,29 @@ def evaluate_members(
     for m, t in zip(members, temperatures, strict=True):
         m.temperature = float(t)
     scorer = Scorer(
-        [m.name for m in members], combiners, temperatures, weights, cfg.bootstrap_samples, cfg.bootstrap_seed,
-        device=device, compile=cfg.compile if compiled else False, precision=precision,
+        [m.name for m in members],
+        combiners,
+        temperatures,
+        weights,
+        cfg.bootstrap_samples,
+        cfg.bootstrap_seed,
+        device=device,
+        compile=cfg.compile if compiled else False,
+        precision=precision,
         uncertainty=cfg.uncertainty,
-    )  # fmt: skip
+    )
     if keep_blocks:
         scorer.keep_blocks(len(blocks))
     n_batches = -(-len(blocks) // cfg.per_device_batch_size)
     mine = sharding.batches(n_batches)
     with torch.inference_mode():
         for first, batch in tqdm(
-            _batches(blocks, cfg.per_device_batch_size, mine, pin=device.type == "cuda"), total=len(mine),
-            desc="Evaluating", unit="batch", disable=not show_progress or sharding.rank != 0,
-        ):  # fmt: skip
+            _batches(blocks, cfg.per_device_batch_size, mine, pin=device.type == "cuda"),
+            total=len(mine),
+            desc="Evaluating",
+            unit="batch",
+            disable=not show_progress or sharding.rank != 0,
+        ):
             if sharding.accumulates:
                 scorer.begin_batch(len(batch["input_ids"]), device)
                 if tokens is not None:
@@ -551,7 +570,7 @@ def results_dict(
                 "seed": scorer.bootstrap_seed,
                 "method": "Poisson bootstrap over blocks, 95% percentile intervals",
             },
-        },  # fmt: skip
+        },
         "members": member_rows,
         "ensemble": {"combiner": HEADLINE, "members": n, **combiner_rows[HEADLINE]},
         "combiners": combiner_rows,
@@ -578,7 +597,7 @@ def results_dict(
                 name: reliability(scorer.sums[scorer.index[name]])
                 for name in [*(m.name for m in members)] + ([HEADLINE] if n > 1 else [])
             },
-        },  # fmt: skip
+        },
     }
     return results
 
@@ -616,8 +635,10 @@ def _bootstrap(scorer: Scorer, n: int) -> dict[str, Any]:
             metric: (scorer.boot[:, :, BOOT[value]] / scorer.boot_tokens[:, None])[keep]
             for metric, value in BOOTSTRAPPED.items()
         }
-    out = {name: {metric: percentile_interval(m[:, r]) for metric, m in means.items()}
-           for name, r in scorer.index.items()}  # fmt: skip
+    out = {
+        name: {metric: percentile_interval(m[:, r]) for metric, m in means.items()}
+        for name, r in scorer.index.items()
+    }
     if n > 1:
         acc, nll = means["accuracy"], means["nll"]
         members = list(range(n))
@@ -688,9 +709,15 @@ def _out_of_domain(
     sets = []
     for path in files:
         file_cfg = dataclasses.replace(
-            data_cfg, dataset=None, dataset_config=None, text_column=None, text_template=None,
-            train_files=[], validation_files=[], test_files=[str(path)],
-        )  # fmt: skip
+            data_cfg,
+            dataset=None,
+            dataset_config=None,
+            text_column=None,
+            text_template=None,
+            train_files=[],
+            validation_files=[],
+            test_files=[str(path)],
+        )
         try:
             blocks = load(file_cfg, "test").eval_blocks("test")
         except EnsembleError as e:
@@ -698,12 +725,14 @@ def _out_of_domain(
         logger.info("out-of-domain set %s: %d blocks", path, len(blocks))
         ood = evaluate_members(members, blocks, cfg, device, sharding, fitted=fitted, keep_blocks=True)
         out_domain = scores(ood)
-        sets.append({
-            "path": str(path),
-            "blocks": scored_blocks(ood),
-            "tokens_evaluated": ood.tokens,
-            "rows": detection(in_domain, out_domain),
-        })  # fmt: skip
+        sets.append(
+            {
+                "path": str(path),
+                "blocks": scored_blocks(ood),
+                "tokens_evaluated": ood.tokens,
+                "rows": detection(in_domain, out_domain),
+            }
+        )
     return {
         "in_domain": {"blocks": scored_blocks(scorer)},
         "tpr": TPR,
@@ -734,9 +763,13 @@ def _one_models(
         info = read_member_info(path)
         (student,) = load_members([path], device)
         check_same_vocabulary(
-            ref, f"the student {path}", student.config.vocab_size, student.tokenizer,
-            fix="distil it from these members", against="the members",
-        )  # fmt: skip
+            ref,
+            f"the student {path}",
+            student.config.vocab_size,
+            student.tokenizer,
+            fix="distil it from these members",
+            against="the members",
+        )
         student.name = STUDENT
         models[STUDENT] = student
         teachers = sorted(info.get("teachers", {}).values(), key=str)
@@ -744,8 +777,9 @@ def _one_models(
         if teachers and teachers != evaluated:
             logger.warning(
                 "the student %s was distilled from other members than those evaluated: the share of the "
-                "gain it keeps is relative to these", path,
-            )  # fmt: skip
+                "gain it keeps is relative to these",
+                path,
+            )
     out: dict[str, Any] = {}
     if no_soup:
         if cfg.soup:
@@ -755,14 +789,20 @@ def _one_models(
         soup = make_soup(member_paths)
         if outputs.save_soup and rank == 0:
             save_soup(Path(outputs.save_soup), soup, ref.tokenizer, member_paths)
-        models[SOUP] = LoadedMember(Path(outputs.save_soup or SOUP), SOUP, None, ref.tokenizer, soup.config,
-                                    soup.to(device))  # fmt: skip
+        models[SOUP] = LoadedMember(
+            Path(outputs.save_soup or SOUP), SOUP, None, ref.tokenizer, soup.config, soup.to(device)
+        )
     single = dataclasses.replace(cfg, uncertainty=False)
     for name, model in models.items():
         one = evaluate_members(
-            [model], blocks, single, device, Sharding("data", rank, world, 1), fitted=(np.ones(1), None),
+            [model],
+            blocks,
+            single,
+            device,
+            Sharding("data", rank, world, 1),
+            fitted=(np.ones(1), None),
             show_progress=False,
-        )  # fmt: skip
+        )
         out[name] = {
             "path": str(model.path),
             **({"seed": model.seed} if name == STUDENT else {"members": len(members)}),
@@ -913,17 +953,26 @@ def evaluate(
     writer = None
     if tokens_path is not None and sharding.accumulates:
         writer = TokenWriter(
-            Path(tokens_path), [m.name for m in members], members[0].tokenizer, members[0].config.vocab_size,
-            sharding.column, sharding.group_size,
-        )  # fmt: skip
+            Path(tokens_path),
+            [m.name for m in members],
+            members[0].tokenizer,
+            members[0].config.vocab_size,
+            sharding.column,
+            sharding.group_size,
+        )
     scorer = evaluate_members(
         members, blocks, eval_cfg, device, sharding, fit_blocks, keep_blocks=bool(outputs.ood), tokens=writer
     )
     fingerprint = prepared.fingerprint
     results = results_dict(
-        members, scorer, eval_cfg, split, blocks, {"source": fingerprint["source"], **fingerprint["splits"][split]},
+        members,
+        scorer,
+        eval_cfg,
+        split,
+        blocks,
+        {"source": fingerprint["source"], **fingerprint["splits"][split]},
         sharding,
-    )  # fmt: skip
+    )
     results.update(
         _one_models(member_paths, members, scorer, eval_cfg, blocks, device, outputs, no_soup, rank, world)
     )

@@ -53,10 +53,12 @@ register_block_score(
 )
 register_block_score(
     BlockScore(
-        "mean_mutual_information", "mean mutual information", lambda row, mi, tokens: mi / tokens,
+        "mean_mutual_information",
+        "mean mutual information",
+        lambda row, mi, tokens: mi / tokens,
         ensemble_only=True,
     )
-)  # fmt: skip
+)
 register_block_score(BlockScore("mean_nll", "mean NLL", lambda row, mi, tokens: row[:, BOOT.nll] / tokens))
 
 

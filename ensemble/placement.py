@@ -73,8 +73,13 @@ class Layout:
 
     def summary(self) -> dict[str, Any]:
         """For manifest.json."""
-        return {"mode": self.mode, "processes": self.world_size, "group_size": self.group_size,
-                "groups": self.num_groups, "rounds": self.rounds}  # fmt: skip
+        return {
+            "mode": self.mode,
+            "processes": self.world_size,
+            "group_size": self.group_size,
+            "groups": self.num_groups,
+            "rounds": self.rounds,
+        }
 
     def describe(self, names: list[str] | None = None) -> list[str]:
         """One line per group, for the log; ``names``: of the members (default member-<i>)."""

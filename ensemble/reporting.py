@@ -214,8 +214,11 @@ def write_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
     ax_ppl.set(xlabel="members in the ensemble (first k)", ylabel="perplexity", title="Perplexity")
     if epistemic:
         axes[2].plot(ks, [p["epistemic"] for p in curve], marker="o", color="tab:purple")
-        axes[2].set(xlabel="members in the ensemble (first k)", ylabel="nats per token",
-                    title="Epistemic uncertainty (mutual information)")  # fmt: skip
+        axes[2].set(
+            xlabel="members in the ensemble (first k)",
+            ylabel="nats per token",
+            title="Epistemic uncertainty (mutual information)",
+        )
     for ax in axes:
         ax.set_xticks(ks)
         ax.grid(alpha=0.3)
@@ -228,10 +231,20 @@ def write_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
     for name, rel in results["reliability"]["rows"].items():
         points = [(c, a) for c, a in zip(rel["confidence"], rel["accuracy"], strict=True) if c is not None]
         if points:
-            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=_label(name),
-                    linewidth=2 if name == HEADLINE else 1)  # fmt: skip
-    ax.set(xlabel="confidence (top-1 probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-           title="Reliability (15 bins)")  # fmt: skip
+            ax.plot(
+                *zip(*points, strict=True),
+                marker="o",
+                markersize=3,
+                label=_label(name),
+                linewidth=2 if name == HEADLINE else 1,
+            )
+    ax.set(
+        xlabel="confidence (top-1 probability)",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title="Reliability (15 bins)",
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -252,10 +265,18 @@ def _risk_coverage_plot(plt: Any, selective: dict[str, Any], path: Path) -> Path
         for row, by_score in selective["rows"].items():
             if score in by_score:
                 ensemble = row == HEADLINE
-                ax.plot(selective["coverage"], by_score[score]["risk"], linewidth=2 if ensemble else 1,
-                        label=f"{_label(row)} (AURC {by_score[score]['aurc']:.3f})")  # fmt: skip
-        ax.set(xlabel="coverage (most confident first)", ylabel="top-1 error among those kept",
-               title=f"Ranked by {label}", xlim=(0, 1))  # fmt: skip
+                ax.plot(
+                    selective["coverage"],
+                    by_score[score]["risk"],
+                    linewidth=2 if ensemble else 1,
+                    label=f"{_label(row)} (AURC {by_score[score]['aurc']:.3f})",
+                )
+        ax.set(
+            xlabel="coverage (most confident first)",
+            ylabel="top-1 error among those kept",
+            title=f"Ranked by {label}",
+            xlim=(0, 1),
+        )
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -280,10 +301,19 @@ def _ood_plot(plt: Any, ood: dict[str, Any], path: Path) -> Path:
             d = ood_set["rows"][row][score]
             edges = d["histogram"]["edges"]
             for key, color in (("in_domain", "tab:blue"), ("out_of_domain", "tab:red")):
-                ax.stairs(d["histogram"][key], edges, fill=True, alpha=0.45, color=color,
-                          label=key.replace("_", "-"))  # fmt: skip
-            ax.set(xlabel=f"{label} per block", ylabel="blocks",
-                   title=f"{Path(ood_set['path']).name}: AUROC {d['auroc']:.3f}")  # fmt: skip
+                ax.stairs(
+                    d["histogram"][key],
+                    edges,
+                    fill=True,
+                    alpha=0.45,
+                    color=color,
+                    label=key.replace("_", "-"),
+                )
+            ax.set(
+                xlabel=f"{label} per block",
+                ylabel="blocks",
+                title=f"{Path(ood_set['path']).name}: AUROC {d['auroc']:.3f}",
+            )
             ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)

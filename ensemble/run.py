@@ -90,7 +90,7 @@ def train_run(
                 zero=zero,
                 run_id=run_info["run_id"],
                 resume_from=setup.plan.start.get(spec.index),
-            )  # fmt: skip
+            )
             for spec in setup.selected
         ]
         run_info["timing"] = {"train_seconds": train_members(setup, jobs, worlds)}
@@ -100,9 +100,15 @@ def train_run(
             _log_pending(setup)
         else:  # every process takes part: the evaluator shards the test batches over the run's world
             results = evaluate(
-                [setup.paths.member(s) for s in setup.specs], cfg.data, cfg.eval, cfg.eval.split,
-                setup.paths.root, local_device(), data, main_first=worlds.main_first,
-            )  # fmt: skip
+                [setup.paths.member(s) for s in setup.specs],
+                cfg.data,
+                cfg.eval,
+                cfg.eval.split,
+                setup.paths.root,
+                local_device(),
+                data,
+                main_first=worlds.main_first,
+            )
         worlds.wait_all("finished")  # the ranks leave together (see Worlds.close)
         return results
     finally:
@@ -160,16 +166,27 @@ def check_run(
     base_config = load_model_config(cfg.model)
     block_size = resolve_block_size(cfg, base_config)
     layout = plan_layout(
-        cfg.parallel, launch.world_size, len(selected), launch.local_world_size,
+        cfg.parallel,
+        launch.world_size,
+        len(selected),
+        launch.local_world_size,
         fits=_member_fits(cfg, base_config, block_size, zero),
-    )  # fmt: skip
+    )
     if zero:
         check_batch(zero, cfg, layout.group_size)
     plan = plan_resume(cfg, paths, specs, resume, layout.group_size, selected)
     return RunSetup(
-        paths, checkpoints_root(cfg), specs, selected, base_config, block_size, layout, plan,
-        _compile_decision(cfg, zero), zero,
-    )  # fmt: skip
+        paths,
+        checkpoints_root(cfg),
+        specs,
+        selected,
+        base_config,
+        block_size,
+        layout,
+        plan,
+        _compile_decision(cfg, zero),
+        zero,
+    )
 
 
 def resolve_block_size(cfg: ExperimentConfig, model_config: Any) -> int:

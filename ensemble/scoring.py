@@ -241,8 +241,9 @@ class Scorer:
         self.selective_rows = list(self.member_names) + ([HEADLINE] if n > 1 else [])
         self._selective = torch.zeros(
             (len(self.selective_rows), len(SCORES), 2, BINS) if uncertainty else (0,),
-            dtype=torch.float64, device=self.device,
-        )  # fmt: skip
+            dtype=torch.float64,
+            device=self.device,
+        )
         self._block_epistemic: torch.Tensor | None = None  # [blocks of the batch]
         # per-block sums of the whole split, kept only for out-of-domain detection (keep_blocks)
         self.blocks: np.ndarray | None = None  # [blocks, selective rows, BOOT.size]

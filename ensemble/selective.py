@@ -60,10 +60,13 @@ register_score(Score("max_prob", "max probability", lambda v, n: 1.0, lambda s, 
 register_score(Score("entropy", "negative entropy", lambda v, n: math.log(v), lambda s, u: s.entropy))
 register_score(
     Score(
-        "mutual_information", "negative mutual information", lambda v, n: math.log(max(n, 2)),
-        lambda s, u: u.epistemic, ensemble_only=True,
+        "mutual_information",
+        "negative mutual information",
+        lambda v, n: math.log(max(n, 2)),
+        lambda s, u: u.epistemic,
+        ensemble_only=True,
     )
-)  # fmt: skip
+)
 
 
 def bin_of(u: torch.Tensor, upper: float) -> torch.Tensor:

@@ -223,9 +223,12 @@ def _train_prepared(
         # the process RNG that drives dropout, so that resuming mid-epoch cannot shift dropout.
         cuda = accelerator.device.type == "cuda"
         loader = DataLoader(
-            job.data.train_blocks(), batch_size=t.per_device_batch_size, shuffle=True,
-            generator=torch.Generator(), pin_memory=cuda,
-        )  # fmt: skip
+            job.data.train_blocks(),
+            batch_size=t.per_device_batch_size,
+            shuffle=True,
+            generator=torch.Generator(),
+            pin_memory=cuda,
+        )
         model, optimizer, loader = accelerator.prepare(model, _optimizer(model, job.cfg, fused=cuda), loader)
         if job.compile_model:
             _compile_in_place(accelerator, model)

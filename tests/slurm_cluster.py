@@ -170,9 +170,15 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         )  # fmt: skip
         sql = "CREATE USER 'slurm'@'127.0.0.1'; GRANT ALL ON *.* TO 'slurm'@'127.0.0.1';"
         self._wait(
-            lambda: self.run([_find("mariadb"), f"--socket={d}/db.sock", "-uroot", "-e", sql], check=False).returncode == 0,
-            60, "mariadbd did not start",
-        )  # fmt: skip
+            lambda: (
+                self.run(
+                    [_find("mariadb"), f"--socket={d}/db.sock", "-uroot", "-e", sql], check=False
+                ).returncode
+                == 0
+            ),
+            60,
+            "mariadbd did not start",
+        )
         conf = d / "slurmdbd.conf"
         conf.write_text(
             f"""AuthType=auth/munge
@@ -193,9 +199,12 @@ DebugLevel=debug
         conf.chmod(0o600)
         self._daemon("slurmdbd", [_find("slurmdbd"), "-D"])
         self._wait(
-            lambda: self.run(["sacctmgr", "-i", "add", "cluster", "ensembletest"], check=False).returncode == 0,
-            60, "slurmdbd did not start",
-        )  # fmt: skip
+            lambda: (
+                self.run(["sacctmgr", "-i", "add", "cluster", "ensembletest"], check=False).returncode == 0
+            ),
+            60,
+            "slurmdbd did not start",
+        )
 
     def _daemon(self, name: str, cmd: list[str]) -> None:
         log = open(self.dir / "log" / f"{name}.stdout", "w")
@@ -276,8 +285,18 @@ DebugLevel=debug
 
     def _record_trail(self, jobs: list[dict[str, str]]) -> None:
         """Write each job's record to jobs.trail whenever it changed since the last one seen."""
-        keep = ("JobState", "Reason", "Restarts", "BatchFlag", "ExitCode", "NodeList", "BatchHost",
-                "StartTime", "EndTime", "Requeue")  # fmt: skip
+        keep = (
+            "JobState",
+            "Reason",
+            "Restarts",
+            "BatchFlag",
+            "ExitCode",
+            "NodeList",
+            "BatchHost",
+            "StartTime",
+            "EndTime",
+            "Requeue",
+        )
         with open(self.dir / "log" / "jobs.trail", "a") as trail:
             for job in jobs:
                 line = json.dumps({k: job.get(k) for k in keep})

@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             with open(run_dir / "pytest.txt", "w") as log:
                 status = subprocess.run(
                     [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", *args.pytest_args],
-                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                ).returncode  # fmt: skip
+                    cwd=REPO,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ).returncode
             seconds = time.monotonic() - start
             failures += status != 0
             line = f"run {k}: {'passed' if status == 0 else f'FAILED (pytest exit {status})'} in {seconds:.0f} s, load {args.load}"

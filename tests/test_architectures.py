@@ -36,13 +36,15 @@ CLASSES = {"llama": "LlamaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
 
 def arch_overrides(out: Path, cache: Path, text: Path, architecture: str) -> list[str]:
     return overrides(
-        out, cache, text,
+        out,
+        cache,
+        text,
         model__gpt2_config="null",
         model__architecture=architecture,
         model__config=json.dumps(CONFIGS[architecture]),
         members__seeds="[42, 123]",
         train__num_epochs=2,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("architecture", list(CONFIGS))

@@ -75,8 +75,11 @@ def test_first_call_fallback(monkeypatch, caplog):
     assert fn.compiled is None
     assert "eval.compile=auto: compiling failed (RuntimeError); running eager" in caplog.text
     strict = compute.FirstCallFallback(lambda x: x + 1, True, "eval.compile")
-    with pytest.raises(EnsembleError, match=r"^eval.compile=true but compiling failed \(RuntimeError: inductor "
-                       r"could not lower this graph\); set eval.compile=false$"):  # fmt: skip
+    with pytest.raises(
+        EnsembleError,
+        match=r"^eval.compile=true but compiling failed \(RuntimeError: inductor "
+        r"could not lower this graph\); set eval.compile=false$",
+    ):
         strict(1)
 
 

@@ -47,11 +47,18 @@ def setup(tmp_path_factory, sherlock, datasets_cache):
     config = fit_model_config(model_cfg, load_model_config(model_cfg), tok)
     cfg = ExperimentConfig(
         model=model_cfg,
-        data=DataConfig(train_files=[str(root / "train.txt")], validation_files=[str(root / "validation.txt")],
-                        test_files=[str(root / "test.txt")], txt_sample_by="paragraph", block_size=32,
-                        cache_dir=str(datasets_cache)),
-        eval=EvalConfig(per_device_batch_size=64, chunk_tokens=500, temperature_scaling=True, bootstrap_samples=200),
-    )  # fmt: skip
+        data=DataConfig(
+            train_files=[str(root / "train.txt")],
+            validation_files=[str(root / "validation.txt")],
+            test_files=[str(root / "test.txt")],
+            txt_sample_by="paragraph",
+            block_size=32,
+            cache_dir=str(datasets_cache),
+        ),
+        eval=EvalConfig(
+            per_device_batch_size=64, chunk_tokens=500, temperature_scaling=True, bootstrap_samples=200
+        ),
+    )
     members = []
     for i, seed in enumerate((5, 6, 7)):
         dest = root / "members" / f"member-{i}"

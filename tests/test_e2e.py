@@ -235,9 +235,15 @@ def test_bf16_evaluation_agrees_with_float32(run_dir, tmp_path):
     assert (f32["evaluation"]["precision"], bf16["evaluation"]["precision"]) == ("float32", "bf16")
     assert "(test split, bf16 forward passes)" in (out / "results.md").read_text()
     assert "(test split, float32 forward passes)" in (run_dir / "results.md").read_text()
-    rows = [(a, b) for part in ("members", "combiners") for a, b in zip(
-        f32[part] if part == "members" else f32[part].values(),
-        bf16[part] if part == "members" else bf16[part].values(), strict=True)]  # fmt: skip
+    rows = [
+        (a, b)
+        for part in ("members", "combiners")
+        for a, b in zip(
+            f32[part] if part == "members" else f32[part].values(),
+            bf16[part] if part == "members" else bf16[part].values(),
+            strict=True,
+        )
+    ]
     assert len(rows) == 7
     for a, b in rows:
         assert b["tokens"] == a["tokens"]

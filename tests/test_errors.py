@@ -240,8 +240,9 @@ def test_compile_where_it_cannot_run_stops_before_any_work(tmp_path, datasets_ca
     }
     out = tmp_path / "run"
     argv = tiny_overrides(out, datasets_cache, train__compile="true")
-    proc = subprocess.run([PYTHON, "launch/train.py", *argv], cwd=REPO, capture_output=True, text=True, env=env,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [PYTHON, "launch/train.py", *argv], cwd=REPO, capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: train.compile=true but torch.compile fails on this cpu ("), last
@@ -254,8 +255,14 @@ def test_compile_where_it_cannot_run_stops_before_any_work(tmp_path, datasets_ca
     # evaluation: the run's previous results stay as they were
     assert train_main(tiny_overrides(out, datasets_cache, members__seeds="[42]", eval__plots="false")) == 0
     before = (out / "results.json").read_bytes()
-    proc = subprocess.run([PYTHON, "launch/evaluate.py", str(out), "eval.compile=true"], cwd=REPO,
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [PYTHON, "launch/evaluate.py", str(out), "eval.compile=true"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert (
         proc.stderr.strip()

@@ -57,8 +57,15 @@ def brute_row(q: np.ndarray, y: np.ndarray) -> dict:
         bins[b][1] += best
         bins[b][2] += pred == target
     ece = sum(abs(acc - conf) for _, conf, acc in bins) / n
-    return {"accuracy": correct / n, "top5_accuracy": top5 / n, "nll": nll / n, "perplexity": math.exp(nll / n),
-            "ece": ece, "brier": brier / n, "tokens": n}  # fmt: skip
+    return {
+        "accuracy": correct / n,
+        "top5_accuracy": top5 / n,
+        "nll": nll / n,
+        "perplexity": math.exp(nll / n),
+        "ece": ece,
+        "brier": brier / n,
+        "tokens": n,
+    }
 
 
 def brute_pred(q: np.ndarray) -> np.ndarray:
@@ -118,12 +125,22 @@ MODES = {
 
 
 def _score(logits, y, blocks, weights, samples=40, chunk=70, mode="fixups") -> Scorer:
-    scorer = Scorer(["m0", "m1", "m2"], ["mean_prob", "mean_logit", "geometric", "weighted"],
-                    np.ones(3), weights, samples, 5, **MODES[mode])  # fmt: skip
+    scorer = Scorer(
+        ["m0", "m1", "m2"],
+        ["mean_prob", "mean_logit", "geometric", "weighted"],
+        np.ones(3),
+        weights,
+        samples,
+        5,
+        **MODES[mode],
+    )
     scorer.begin_batch(int(blocks.max()) + 1, "cpu")
     for s in range(0, len(y), chunk):  # in chunks, as the evaluator feeds it
-        scorer.score([torch.from_numpy(x[s : s + chunk]) for x in logits], torch.from_numpy(y[s : s + chunk]),
-                     torch.from_numpy(blocks[s : s + chunk]))  # fmt: skip
+        scorer.score(
+            [torch.from_numpy(x[s : s + chunk]) for x in logits],
+            torch.from_numpy(y[s : s + chunk]),
+            torch.from_numpy(blocks[s : s + chunk]),
+        )
     scorer.end_batch(0)
     return scorer
 
@@ -139,13 +156,15 @@ def test_every_row_matches_brute_force(quantised, mode):
     with np.errstate(divide="ignore"):
         logp = [np.log(q) for q in p]
     expected = {
-        "m0": p[0], "m1": p[1], "m2": p[2],
+        "m0": p[0],
+        "m1": p[1],
+        "m2": p[2],
         "mean_prob": np.mean(p, axis=0),
         "first-2": np.mean(p[:2], axis=0),
         "mean_logit": softmax64(np.mean(np.stack(logits).astype(np.float64), axis=0)),
         "geometric": softmax64(np.mean(logp, axis=0)),
         "weighted": sum(wi * qi for wi, qi in zip(w, p, strict=True)),
-    }  # fmt: skip
+    }
     assert set(expected) == set(scorer.rows)
     for name, q in expected.items():
         # Members' ties are exact (equal logits): their counts must match exactly. A combined row
@@ -283,8 +302,12 @@ def test_evaluator_matches_brute_force_on_real_models(byte_members, batch_size, 
     g = torch.Generator().manual_seed(2)
     stream = torch.randint(0, 259, (32 * 5 + 6,), generator=g).numpy()  # last block of 6 tokens
     blocks = EvalBlocks(stream, 32)
-    cfg = EvalConfig(per_device_batch_size=batch_size, chunk_tokens=chunk_tokens, combiners=["mean_prob"],
-                     bootstrap_samples=20)  # fmt: skip
+    cfg = EvalConfig(
+        per_device_batch_size=batch_size,
+        chunk_tokens=chunk_tokens,
+        combiners=["mean_prob"],
+        bootstrap_samples=20,
+    )
     scorer = evaluate_members(members, blocks, cfg, "cpu", show_progress=False)
     probs, targets = _model_probs(members, blocks)
     assert len(targets) == 32 * 5 - 5 + 5 == blocks.num_predictions
@@ -304,8 +327,10 @@ def test_fitted_temperatures_and_weights_match_brute_force(byte_members):
     dense = np.exp(np.linspace(math.log(0.25), math.log(4.0), 4001))
     raw, targets = _model_probs(members, val)
     with torch.no_grad():
-        logits = [np.concatenate([m.model(val[i][None]).logits[0, :-1].double().numpy() for i in range(len(val))])
-                  for m in members]  # fmt: skip
+        logits = [
+            np.concatenate([m.model(val[i][None]).logits[0, :-1].double().numpy() for i in range(len(val))])
+            for m in members
+        ]
     for k, m in enumerate(members):
         nll = [-np.mean(np.log(softmax64(logits[k] / t)[np.arange(len(targets)), targets])) for t in dense]
         best = dense[int(np.argmin(nll))]
@@ -397,11 +422,19 @@ def test_a_combiner_registered_in_one_place_is_scored_and_reported(byte_members,
 
 def test_members_with_different_tokenizers_are_refused(byte_members, gpt2_tokenizer_dir, tmp_path):
     gpt2_tok = load_tokenizer(ModelConfig(tokenizer=str(gpt2_tokenizer_dir)))
-    model_cfg = ModelConfig(gpt2_config={"n_layer": 1, "n_embd": 8, "n_head": 2, "n_positions": 16},
-                            tokenizer=str(gpt2_tokenizer_dir))  # fmt: skip
+    model_cfg = ModelConfig(
+        gpt2_config={"n_layer": 1, "n_embd": 8, "n_head": 2, "n_positions": 16},
+        tokenizer=str(gpt2_tokenizer_dir),
+    )
     odd = tmp_path / "member-odd"
-    save_member(odd, build_model(model_cfg, fit_model_config(model_cfg, load_model_config(model_cfg), gpt2_tok), 0),
-                gpt2_tok, MemberSpec(3, 9), ExperimentConfig(model=model_cfg), {})  # fmt: skip
+    save_member(
+        odd,
+        build_model(model_cfg, fit_model_config(model_cfg, load_model_config(model_cfg), gpt2_tok), 0),
+        gpt2_tok,
+        MemberSpec(3, 9),
+        ExperimentConfig(model=model_cfg),
+        {},
+    )
     with pytest.raises(
         EnsembleError, match=r"member member-3 \(.*member-odd\) uses a different tokenizer than member-0"
     ):

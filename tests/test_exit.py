@@ -58,8 +58,12 @@ def test_the_entry_scripts_leave_that_way_under_a_launcher(tmp_path):
     command = ["launch/train.py", "--config", "configs/tiny.yaml", "--list-members"]
     launched = subprocess.run(
         [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", *command],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert launched.returncode == 0 and launched.stdout.count("0 42 member-0") == 2, launched.stderr[-2000:]
     workers = [line for line in launched.stderr.splitlines() if line in ("EXIT HANDLER", "FINALIZED")]
     # the two workers leave without finalizing; the launcher itself (a plain process) finalizes

@@ -38,9 +38,15 @@ def _member(tokenizer, index: int, architecture: str) -> torch.nn.Module:
         )
         return GPT2LMHeadModel(config)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=CONTEXT, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        max_position_embeddings=CONTEXT,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -56,7 +62,14 @@ def run(tmp_path_factory, gpt2_tokenizer_dir: Path) -> Path:
     root = tmp_path_factory.mktemp("generation") / "run"
     tokenizer = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
     for i, arch in enumerate(["gpt2", "gpt2", "llama"]):
-        save_member(root / "members" / f"member-{i}", _member(tokenizer, i, arch), tokenizer, MemberSpec(i, i), ExperimentConfig(), {})  # fmt: skip
+        save_member(
+            root / "members" / f"member-{i}",
+            _member(tokenizer, i, arch),
+            tokenizer,
+            MemberSpec(i, i),
+            ExperimentConfig(),
+            {},
+        )
     results = {
         "members": [{"name": f"member-{i}", "temperature": t} for i, t in enumerate(TEMPERATURES)],
         "combiners": {"mean_prob": {}, "weighted": {"weights": WEIGHTS}},
@@ -131,9 +144,15 @@ def test_beam_search_shapes_and_scores_with_every_members_cache_reordered(run: P
     prompts = ["The sea was", "A long time ago in a galaxy far"]
     ids = tokenizer(prompts, return_tensors="pt", padding=True)
     out = model.generate(
-        **ids, max_new_tokens=8, num_beams=4, num_return_sequences=2, do_sample=False,
-        return_dict_in_generate=True, output_scores=True, length_penalty=1.0,
-    )  # fmt: skip
+        **ids,
+        max_new_tokens=8,
+        num_beams=4,
+        num_return_sequences=2,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
+        length_penalty=1.0,
+    )
     length = ids["input_ids"].shape[1]
     assert out.sequences.shape == (4, length + 8)
     assert out.sequences_scores.shape == (4,)
@@ -174,7 +193,13 @@ def test_forward_nll_equals_the_evaluators_on_test_blocks(run: Path, shakespeare
             block = stream[b * CONTEXT : (b + 1) * CONTEXT]
             cfg = EvalConfig(combiners=[combiner], bootstrap_samples=0, plots=False)
             cfg.validate()
-            scorer = evaluate_members(load_members(_members(run), "cpu"), EvalBlocks(block, CONTEXT), cfg, "cpu", show_progress=False)  # fmt: skip
+            scorer = evaluate_members(
+                load_members(_members(run), "cpu"),
+                EvalBlocks(block, CONTEXT),
+                cfg,
+                "cpu",
+                show_progress=False,
+            )
             evaluator = row_result(scorer.sums[scorer.index[combiner]])["nll"]
             ids = torch.from_numpy(block)[None]
             with torch.no_grad():
@@ -325,9 +350,11 @@ def test_lm_eval_harness_scores_a_local_task_as_the_evaluator_does(
     model, tokenizer = load_ensemble(run, fitted_temperatures=False)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=2, device="cpu")
     out = simple_evaluate(
-        model=lm, tasks=["ensemble_local_text"], task_manager=TaskManager(include_path=str(tmp_path)),
+        model=lm,
+        tasks=["ensemble_local_text"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
         log_samples=True,
-    )  # fmt: skip
+    )
     samples = sorted(out["samples"]["ensemble_local_text"], key=lambda s: s["doc_id"])
     assert [s["doc"]["text"] for s in samples] == lines
 

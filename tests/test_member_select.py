@@ -40,8 +40,12 @@ def test_list_members_and_get(capsys, tmp_path, datasets_cache):
     argv = tiny_overrides(tmp_path / "run", datasets_cache, members__seeds="[7, 8, 9]")
     assert train_main([*argv, "--list-members"]) == 0
     assert capsys.readouterr().out.splitlines() == ["0 7 member-0", "1 8 member-1", "2 9 member-2"]
-    for key, shown in [("output.dir", str(tmp_path / "run")), ("members.seeds", "[7, 8, 9]"),
-                       ("train.max_steps", "4"), ("data.text_column", "null")]:  # fmt: skip
+    for key, shown in [
+        ("output.dir", str(tmp_path / "run")),
+        ("members.seeds", "[7, 8, 9]"),
+        ("train.max_steps", "4"),
+        ("data.text_column", "null"),
+    ]:
         assert train_main([*argv, "--get", key]) == 0
         assert capsys.readouterr().out == shown + "\n"
     assert train_main([*argv, "--get", "train.nope"]) == 2
@@ -57,8 +61,11 @@ def test_concurrent_launches_of_single_members_equal_one_full_run(tmp_path, data
     full = tmp_path / "full"
     proc = subprocess.run(
         [PYTHON, "launch/train.py", *tiny_overrides(full, datasets_cache, **extra)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = tmp_path / "shared"
     argv = tiny_overrides(shared, datasets_cache, **extra)
@@ -69,7 +76,7 @@ def test_concurrent_launches_of_single_members_equal_one_full_run(tmp_path, data
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for i in (0, 1)
     ]
     errs = [p.communicate(timeout=600)[1] for p in procs]

@@ -187,9 +187,12 @@ def solo(tmp_path_factory, datasets_cache) -> dict[int, Path]:
     for batch in (4, 8):
         out = root / f"batch{batch}"
         argv = tiny_overrides(
-            out, datasets_cache, members__seeds=str(SEEDS), model__gpt2_config=NO_DROPOUT,
+            out,
+            datasets_cache,
+            members__seeds=str(SEEDS),
+            model__gpt2_config=NO_DROPOUT,
             train__per_device_batch_size=batch,
-        )  # fmt: skip
+        )
         assert train_main(argv) == 0
         runs[batch] = out
     return runs
@@ -281,9 +284,13 @@ def test_deepspeed_zero_on_two_ranks(tmp_path, datasets_cache, solo, stage, plac
     out = tmp_path / "run"
     seeds = "[11, 12]" if placement == "sequential" else str(SEEDS)
     proc, _ = _torchrun(
-        2, out, datasets_cache, members__seeds=seeds, parallel__placement=placement,
+        2,
+        out,
+        datasets_cache,
+        members__seeds=seeds,
+        parallel__placement=placement,
         parallel__deepspeed=str(REPO / "configs" / "deepspeed" / f"zero{stage}.json"),
-    )  # fmt: skip
+    )
     _ok(proc)
     if placement == "sequential":  # gathered full weights, equal to the member trained alone
         check_run(out, [[0, 1], [0, 1]], solo[8])
@@ -300,9 +307,14 @@ def test_compiled_members_in_a_group_of_two_ranks(tmp_path, datasets_cache, solo
     out = tmp_path / "run"
     extra = {"parallel__deepspeed": str(REPO / "configs" / "deepspeed" / "zero2.json")} if zero else {}
     proc, _ = _torchrun(
-        2, out, datasets_cache, members__seeds="[11, 12]", parallel__placement="sequential",
-        train__compile="true", **extra,
-    )  # fmt: skip
+        2,
+        out,
+        datasets_cache,
+        members__seeds="[11, 12]",
+        parallel__placement="sequential",
+        train__compile="true",
+        **extra,
+    )
     _ok(proc)
     assert "torch.compile on (train.compile=True)" in proc.stderr
     check_run(out, [[0, 1], [0, 1]], solo[8])
@@ -341,7 +353,7 @@ def _two_nodes(out: Path, cache: Path, **extra) -> list[subprocess.CompletedProc
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for node in (0, 1)
     ]
     results = []
@@ -364,9 +376,12 @@ def test_two_nodes_one_group_per_node(tmp_path, datasets_cache, solo):
 
     # a group of 4 would span both nodes: refused when groups must stay within a node
     node0, node1 = _two_nodes(
-        tmp_path / "spanning", datasets_cache, members__seeds="[11]", parallel__group_size=4,
+        tmp_path / "spanning",
+        datasets_cache,
+        members__seeds="[11]",
+        parallel__group_size=4,
         parallel__groups_within_node="true",
-    )  # fmt: skip
+    )
     assert node0.returncode != 0 and node1.returncode != 0
     assert "needs the group size (4) to divide the processes per node (2)" in node0.stderr
 
@@ -378,9 +393,16 @@ def test_a_failing_member_ends_the_job_quickly_with_its_error_first(tmp_path, da
     out = tmp_path / "run"
     env = {**os.environ, "ENSEMBLE_FAULT": "raise:1:3"}
     proc, elapsed = _torchrun(
-        2, out, datasets_cache, timeout=300, env=env, members__seeds="[11, 12]",
-        parallel__placement="parallel", train__max_steps=2000, parallel__timeout_s=60,
-    )  # fmt: skip
+        2,
+        out,
+        datasets_cache,
+        timeout=300,
+        env=env,
+        members__seeds="[11, 12]",
+        parallel__placement="parallel",
+        train__max_steps=2000,
+        parallel__timeout_s=60,
+    )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors and errors[0] == (
@@ -401,9 +423,13 @@ def test_bad_layout_and_deepspeed_batch_fail_before_training(tmp_path, datasets_
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 3}}))
     proc, _ = _torchrun(
-        2, tmp_path / "b", datasets_cache, members__seeds="[11, 12]", parallel__placement="sequential",
+        2,
+        tmp_path / "b",
+        datasets_cache,
+        members__seeds="[11, 12]",
+        parallel__placement="sequential",
         parallel__deepspeed=str(ds),
-    )  # fmt: skip
+    )
     assert proc.returncode != 0
     assert (
         "sets train_batch_size=32 but this layout needs 4 per device x 1 accumulation x 2 data-parallel ranks = 8"

@@ -256,9 +256,13 @@ def test_signal_saves_a_checkpoint_exits_75_and_resumes_identically(
     argv = overrides(out, datasets_cache, small_text, members__seeds="[42, 123]", train__num_epochs=30)
     env = {k: v for k, v in os.environ.items() if k != "ENSEMBLE_FAULT"}
     proc = subprocess.Popen(
-        [PYTHON, "launch/train.py", *argv], cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        [PYTHON, "launch/train.py", *argv],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         text=True,
-    )  # fmt: skip
+    )
     _wait_for_checkpoint(out, 0, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
@@ -320,7 +324,15 @@ def test_two_processes_parallel_sigterm_to_the_launcher_then_resume(tmp_path, da
     env = {k: v for k, v in os.environ.items() if k != "ENSEMBLE_FAULT"}
     common = {"members__seeds": "[42, 123]", "train__num_epochs": 30, "parallel__placement": "parallel"}
     ref = tmp_path / "ref"
-    ok(subprocess.run(_torchrun(overrides(ref, datasets_cache, small_text, **common)), cwd=REPO, env=env, capture_output=True, text=True))  # fmt: skip
+    ok(
+        subprocess.run(
+            _torchrun(overrides(ref, datasets_cache, small_text, **common)),
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    )
     out = tmp_path / "run"
     argv = overrides(out, datasets_cache, small_text, **common)
     proc = subprocess.Popen(

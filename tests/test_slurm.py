@@ -91,8 +91,12 @@ def plain_run(config: Path, out: Path) -> Path:
     """The same config trained by one plain process: the uninterrupted reference."""
     proc = subprocess.run(
         [PYTHON, "launch/train.py", "--config", str(config), f"output.dir={out}", "--no-eval"],
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -186,8 +190,17 @@ def array_run(slurm, tmp_path_factory):
     eval_log = job_log(f"ensemble-eval-{evaluation}.out")
     distill_log = job_log(f"ensemble-distill-{distill}.out")
     slurm.discard(REPO.glob("ensemble-*.out"))
-    return {"root": root, "config": config, "run": root / "run", "train": train, "eval": evaluation,
-            "distill": distill, "logs": logs, "eval_log": eval_log, "distill_log": distill_log}  # fmt: skip
+    return {
+        "root": root,
+        "config": config,
+        "run": root / "run",
+        "train": train,
+        "eval": evaluation,
+        "distill": distill,
+        "logs": logs,
+        "eval_log": eval_log,
+        "distill_log": distill_log,
+    }
 
 
 def test_array_trains_one_member_per_task_then_evaluates(slurm, array_run, tmp_path):
@@ -289,9 +302,13 @@ def test_multinode_job_checkpoints_on_the_warning_signal_requeues_and_resumes(sl
     the members equal the plain process's."""
     cache = tmp_path / "cache"
     config = tiny_config(
-        tmp_path / "c.yaml", tmp_path / "run", cache, train__max_steps=400, checkpoint__every_steps=20,
+        tmp_path / "c.yaml",
+        tmp_path / "run",
+        cache,
+        train__max_steps=400,
+        checkpoint__every_steps=20,
         parallel__placement="parallel",
-    )  # fmt: skip
+    )
     reference = plain_run(config, tmp_path / "plain")
     train, evaluation = submit(slurm, "--mode", "multinode", "--nodes", "2", "--config", str(config))
     run = tmp_path / "run"

@@ -82,8 +82,11 @@ def score_chunks(logits, y, blocks, mode: str = "fixups", chunk: int = 70, **kw)
     scorer.keep_blocks(int(blocks.max()) + 1)
     scorer.begin_batch(int(blocks.max()) + 1, "cpu")
     for s in range(0, len(y), chunk):
-        scorer.score([torch.from_numpy(x[s : s + chunk]) for x in logits], torch.from_numpy(y[s : s + chunk]),
-                     torch.from_numpy(blocks[s : s + chunk]))  # fmt: skip
+        scorer.score(
+            [torch.from_numpy(x[s : s + chunk]) for x in logits],
+            torch.from_numpy(y[s : s + chunk]),
+            torch.from_numpy(blocks[s : s + chunk]),
+        )
     scorer.end_batch(0)
     return scorer
 
