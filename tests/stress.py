@@ -17,6 +17,7 @@ import argparse
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,9 +26,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _spin() -> None:
+def _spin(kind: str) -> None:
+    if kind == "python":
+        while True:
+            pass
+    import torch  # another training job: matrix products on every core
+
+    a = torch.randn(512, 512)
     while True:
-        pass
+        a = torch.tanh(a @ a)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--load", type=int, default=0, help="CPU-bound processes beside the tests (default 0)"
     )
+    parser.add_argument(
+        "--load-kind",
+        choices=["python", "torch"],
+        default="python",
+        help="python: each spins one core; torch: each multiplies matrices on all cores, as a training job does",
+    )
     parser.add_argument("--out", type=Path, required=True, help="where each run's output and evidence go")
     parser.add_argument("--keep-passed", action="store_true", help="keep the evidence of runs that passed")
     parser.add_argument("pytest_args", nargs="+", help="what to give pytest (after --)")
@@ -46,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {args.out} is not empty: choose a new directory, so that no evidence is mixed")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    hogs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.load)]
+    hogs = [
+        multiprocessing.Process(target=_spin, args=(args.load_kind,), daemon=True) for _ in range(args.load)
+    ]
     for hog in hogs:
         hog.start()
+    # stopped by a signal: end the load too (daemon processes are only ended on a normal exit)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     failures = 0
     try:
         for k in range(1, args.runs + 1):
@@ -66,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 ).returncode
             seconds = time.monotonic() - start
             failures += status != 0
-            line = f"run {k}: {'passed' if status == 0 else f'FAILED (pytest exit {status})'} in {seconds:.0f} s, load {args.load}"
+            line = f"run {k}: {'passed' if status == 0 else f'FAILED (pytest exit {status})'} in {seconds:.0f} s, load {args.load} ({args.load_kind})"
             with open(args.out / "summary.txt", "a") as summary:
                 summary.write(line + "\n")
             print(line, flush=True)
@@ -75,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for hog in hogs:
             hog.terminate()
-    print(f"{failures} of {args.runs} runs failed ({' '.join(args.pytest_args)}; load {args.load})")
+    print(
+        f"{failures} of {args.runs} runs failed ({' '.join(args.pytest_args)}; load {args.load} {args.load_kind})"
+    )
     return 1 if failures else 0
 
 

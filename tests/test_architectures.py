@@ -101,6 +101,7 @@ def test_model_config_is_validated_against_the_architecture():
 
 
 @pytest.mark.parametrize("architecture", list(CONFIGS))
+@pytest.mark.slow
 def test_member_trains_resumes_bitwise_loads_and_evaluates(
     architecture: str,
     tmp_path: Path,

@@ -193,6 +193,7 @@ def test_distil_then_evaluate(distilled):
     assert not any(".tmp-" in p.name for p in distilled.rglob("*"))
 
 
+@pytest.mark.slow
 def test_killed_then_resumed_is_bitwise_identical(run, distilled, tmp_path, capsys):
     out = copy_members(run, tmp_path / "run")
     killed = distil(out, *OPTS, "--no-eval", fault="kill:-1:3")
@@ -208,6 +209,7 @@ def test_killed_then_resumed_is_bitwise_identical(run, distilled, tmp_path, caps
     assert_same_weights(student_weights(out / "student"), student_weights(distilled / "student"))
 
 
+@pytest.mark.slow
 def test_two_processes_data_and_member_sharded_teacher(run, tmp_path):
     """Two processes train one student (data-parallel); its teacher comes from both members on
     each process (data) or one member per process (member): the same student either way, up to

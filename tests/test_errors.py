@@ -228,6 +228,7 @@ def test_evaluate_errors(tmp_path, capsys):
     fails(["--members", str(tmp_path / "m")], "config " + str(tmp_path / "m" / "config.yaml") + " not found")
 
 
+@pytest.mark.slow
 def test_compile_where_it_cannot_run_stops_before_any_work(tmp_path, datasets_cache):
     """train.compile=true / eval.compile=true on a machine without a working C++ compiler (what
     inductor needs for CPU code): one line naming the setting and the fix, nothing written."""

@@ -20,9 +20,10 @@ from ensemble.combining import fit_mixture_weights, mixture_nll
 from ensemble.config import EvalConfig, ExperimentConfig, ModelConfig
 from ensemble.data import EvalBlocks
 from ensemble.errors import EnsembleError
-from ensemble.evaluation import Scorer, evaluate_members, load_members, results_dict
+from ensemble.evaluation import evaluate_members, load_members, results_dict
 from ensemble.members import MemberSpec, build_model, fit_model_config, load_model_config, save_member
 from ensemble.metrics import ECE_BINS, SUMS, poisson_weights, row_result
+from ensemble.scoring import Scorer
 from ensemble.tokenization import load_tokenizer
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +146,9 @@ def _score(logits, y, blocks, weights, samples=40, chunk=70, mode="fixups") -> S
     return scorer
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "mode", [pytest.param(m, marks=pytest.mark.slow) if m == "compiled" else m for m in MODES]
+)  # compiling takes ~50 s
 @pytest.mark.parametrize("quantised", [True, False], ids=["with-ties", "continuous"])
 def test_every_row_matches_brute_force(quantised, mode):
     logits, y, blocks = make_synthetic(quantised)

@@ -8,6 +8,8 @@ import os
 import subprocess
 import textwrap
 
+import pytest
+
 from .conftest import PYTHON, REPO
 
 SCRIPT = textwrap.dedent(
@@ -35,6 +37,7 @@ def test_leave_runs_exit_handlers_keeps_the_status_and_skips_finalization():
     assert "finalized" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_entry_scripts_leave_that_way_under_a_launcher(tmp_path):
     """torchrun workers of launch/train.py run their exit handlers and are not finalized; a
     plain process (no launcher) still ends the ordinary way."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,7 @@ def test_left_padded_batch_gives_the_tokens_of_one_prompt_at_a_time(run: Path):
         assert row.tolist() == single.tolist(), prompt
 
 
+@pytest.mark.slow
 def test_forward_nll_equals_the_evaluators_on_test_blocks(run: Path, shakespeare: Path):
     from ensemble.config import EvalConfig
     from ensemble.data import EvalBlocks
@@ -228,6 +230,30 @@ def test_uncertainty_decomposition_against_numpy():
     one = Decomposition()  # one member: nothing to disagree on
     one.add(torch.log_softmax(torch.from_numpy(logits[0]), -1))
     assert torch.all(one.result().epistemic == 0)
+
+
+def test_settings_are_checked_and_tokens_marked_by_their_disagreement():
+    from ensemble.decoding import Settings, mark
+
+    assert Settings().streamed and not Settings(num_beams=2).streamed
+    assert "temperature" not in Settings().generate_kwargs()  # greedy: no sampling knobs
+    assert Settings(do_sample=True, top_p=0.9).generate_kwargs()["top_p"] == 0.9
+    bad = {
+        "max_new_tokens": (0, "--max-new-tokens=0"),
+        "temperature": (0.0, "--temperature=0.0"),
+        "top_p": (1.5, "--top-p=1.5"),
+        "top_k": (0, "--top-k=0"),
+        "num_return_sequences": (3, "needs sampling or at least as many beams"),
+        "levels": ((0.5, 0.1), "two increasing values"),
+    }
+    for name, (value, message) in bad.items():
+        with pytest.raises(EnsembleError, match=re.escape(message)):
+            Settings(**{name: value})
+    levels = (0.1, 0.5)
+    assert mark("cat", 0.123, levels, colour=False) == "[cat|0.12]"  # off a terminal: the value
+    assert mark("cat", 0.05, levels, colour=True) == "cat"  # below the first level: unmarked
+    medium, high = mark("cat", 0.1, levels, colour=True), mark("cat", 0.7, levels, colour=True)
+    assert "cat" in medium and "cat" in high and len({medium, high, "cat"}) == 3
 
 
 def test_generate_command_streams_and_marks_uncertainty(run: Path, tmp_path: Path, capsys):
@@ -327,6 +353,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow
 def test_lm_eval_harness_scores_a_local_task_as_the_evaluator_does(
     run: Path, sherlock: Path, tmp_path: Path, monkeypatch
 ):

@@ -53,6 +53,7 @@ def test_list_members_and_get(capsys, tmp_path, datasets_cache):
     assert not (tmp_path / "run").exists()  # neither trains nor writes anything
 
 
+@pytest.mark.slow
 def test_concurrent_launches_of_single_members_equal_one_full_run(tmp_path, datasets_cache):
     """Two processes start together, each with one --member, into the same new run with a bpe
     tokenizer (both race to train and publish it): the members equal those of one process

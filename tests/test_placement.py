@@ -96,6 +96,35 @@ def test_layout_dataclass_validates_itself():
         Layout("sequential", 4, 2, 2)
 
 
+def test_launch_info_and_process_group_settings_come_from_the_launchers_environment(monkeypatch):
+    import datetime as dt
+
+    from ensemble.distributed import accelerator_kwargs, backend, launch_info, state_kwargs
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    launch_info.cache_clear()  # read once per process: read again under this test's environment
+    try:
+        alone = launch_info()
+        assert (alone.rank, alone.world_size, alone.local_world_size, alone.distributed) == (0, 1, 1, False)
+        assert state_kwargs(deepspeed=False, timeout_s=60) == {"cpu": not torch.cuda.is_available()}
+        monkeypatch.setenv("RANK", "3")
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        launch_info.cache_clear()
+        info = launch_info()
+        assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (3, 4, 1, 2)
+        assert backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+        kwargs = state_kwargs(deepspeed=False, timeout_s=60)
+        assert kwargs["backend"] == backend() and kwargs["timeout"] == dt.timedelta(seconds=60)
+        assert state_kwargs(deepspeed=True, timeout_s=60)["cpu"] is False  # DeepSpeed: told the backend
+        (handler,) = accelerator_kwargs(deepspeed=False, timeout_s=60)["kwargs_handlers"]
+        assert handler.timeout == dt.timedelta(seconds=60) and handler.backend == backend()
+    finally:
+        launch_info.cache_clear()
+
+
 def test_memory_estimate_shrinks_with_zero_sharding():
     from transformers import GPT2Config
 

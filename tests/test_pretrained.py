@@ -36,6 +36,7 @@ def _argv(out: Path, cache: Path, pretrained: Path, sherlock: Path, **extra) -> 
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_fine_tunes_a_local_pretrained_model(tmp_path, datasets_cache, pretrained_dir, sherlock):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

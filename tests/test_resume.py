@@ -103,6 +103,7 @@ def baseline(tmp_path_factory, datasets_cache, small_text) -> Path:
 # Checkpoints
 
 
+@pytest.mark.slow
 def test_checkpoints_are_complete_recorded_and_pruned(baseline):
     steps = total_steps(baseline)
     assert steps > 3 * EVERY
@@ -124,6 +125,7 @@ def test_checkpoints_are_complete_recorded_and_pruned(baseline):
     assert not stray_temporaries(baseline)
 
 
+@pytest.mark.slow
 def test_killed_mid_run_mid_checkpoint_and_mid_save_then_resumed_is_bitwise_identical(
     tmp_path, datasets_cache, small_text, baseline
 ):
@@ -164,6 +166,7 @@ def test_killed_mid_run_mid_checkpoint_and_mid_save_then_resumed_is_bitwise_iden
     assert json.loads((out / "results.json").read_text())["ensemble"]["tokens"] > 0
 
 
+@pytest.mark.slow
 def test_fault_injection_at_random_points(tmp_path, datasets_cache, small_text, baseline):
     """Kill the training process at several random points (fixed seed), resume each time; at the
     end every member is complete, equals its uninterrupted twin, and no temporary is left."""
@@ -194,6 +197,7 @@ def test_fault_injection_at_random_points(tmp_path, datasets_cache, small_text, 
     assert [m["status"] for m in manifest["members"]] == ["complete"] * 3
 
 
+@pytest.mark.slow
 def test_resume_from_a_given_checkpoint(tmp_path, baseline):
     """--resume PATH trains that member again from PATH (later checkpoints of it are dropped);
     the other members, complete, are skipped."""
@@ -249,6 +253,7 @@ def _wait_for_checkpoint(run: Path, member: int, proc: subprocess.Popen, timeout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+@pytest.mark.slow
 def test_signal_saves_a_checkpoint_exits_75_and_resumes_identically(
     sig, tmp_path, datasets_cache, small_text, long_baseline
 ):
@@ -282,6 +287,7 @@ def test_signal_saves_a_checkpoint_exits_75_and_resumes_identically(
 # Compiled members
 
 
+@pytest.mark.slow
 def test_compiled_member_killed_then_resumed_is_bitwise_identical(tmp_path, datasets_cache, small_text):
     """train.compile=true, forced on CPU: the compiled member (dropout, accumulation, epoch ends)
     checkpoints, resumes after a SIGKILL bitwise equal to its uninterrupted twin, and is saved in
@@ -316,6 +322,7 @@ def _torchrun(argv: list[str]) -> list[str]:
     return [str(Path(PYTHON).with_name("torchrun")), "--nproc_per_node", "2", "launch/train.py", *argv]
 
 
+@pytest.mark.slow
 def test_two_processes_parallel_sigterm_to_the_launcher_then_resume(tmp_path, datasets_cache, small_text):
     """SIGTERM to torchrun: it forwards the signal to both ranks (each training its own member),
     each saves a checkpoint and exits 75; the resumed members equal those of an uninterrupted
@@ -355,6 +362,7 @@ def test_two_processes_parallel_sigterm_to_the_launcher_then_resume(tmp_path, da
 
 
 @pytest.mark.parametrize("zero", [None, 3], ids=["ddp", "zero3"])
+@pytest.mark.slow
 def test_two_processes_sequential_killed_mid_checkpoint_then_resume(
     zero, tmp_path, datasets_cache, small_text
 ):
@@ -480,6 +488,7 @@ def test_checkpoint_from_another_number_of_processes_or_seed_is_refused(baseline
     assert trajectory_config(cfg, 123) == info["config"]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_that_member_only(tmp_path, datasets_cache, small_text, baseline):
     out = tmp_path / "run"
     proc = train(overrides(out, datasets_cache, small_text), fault="nan:1:8")
@@ -513,6 +522,7 @@ def test_non_finite_loss_stops_that_member_only(tmp_path, datasets_cache, small_
     [(28, "No space left on device"), (13, "Permission denied")],
     ids=["disk-full", "permission"],
 )
+@pytest.mark.slow
 def test_checkpoint_write_error_keeps_the_previous_one(
     errno, text, tmp_path, capsys, datasets_cache, small_text, baseline, monkeypatch
 ):
@@ -630,3 +640,48 @@ def test_member_with_another_tokenizer_is_named(tmp_path, capsys, evaluated_run,
         last
     )
     assert (run / "results.json").read_bytes() == before
+
+
+def test_fault_specs_name_the_kind_member_step_and_rank(monkeypatch):
+    from ensemble import faults
+    from ensemble.distributed import launch_info
+
+    monkeypatch.setenv("ENSEMBLE_FAULT", "raise:1:3, kill-save:0:0:1")
+    monkeypatch.setenv("RANK", "1")
+    launch_info.cache_clear()  # read once per process: read again under this test's RANK
+    try:
+        assert faults.armed("raise", 1, 3)
+        assert not faults.armed("raise", 1, 4) and not faults.armed("raise", 0, 3)
+        assert faults.armed("kill-save", 0, 17)  # at whatever step the member is saved
+        with pytest.raises(RuntimeError, match="^injected failure in member-1 at step 3"):
+            faults.inject("raise", 1, 3)
+        faults.inject("kill", 1, 3)  # not armed: nothing happens
+        monkeypatch.setenv("RANK", "0")
+        launch_info.cache_clear()
+        assert not faults.armed("kill-save", 0, 17) and faults.armed("raise", 1, 3)  # rank 1 only
+        monkeypatch.setenv("ENSEMBLE_FAULT", "explode:0:1")
+        with pytest.raises(ValueError, match="'explode:0:1' is not kind:member:step"):
+            faults.armed("raise", 0, 1)
+    finally:
+        launch_info.cache_clear()
+
+
+def test_output_dir_and_member_selection_are_checked_before_any_work(tmp_path):
+    from ensemble.members import MemberSpec, RunPaths
+    from ensemble.resume import check_output_dir, select_members
+
+    specs = [MemberSpec(i, seed) for i, seed in enumerate((7, 8, 9))]
+    assert select_members(specs, None) == specs
+    assert [s.seed for s in select_members(specs, [2, 0])] == [7, 9]
+    with pytest.raises(EnsembleError, match=r"^--member 3, 5: the config has 3 members \(indices 0 to 2"):
+        select_members(specs, [5, 3, 1])
+    paths = RunPaths(tmp_path / "run")
+    check_output_dir(paths, overwrite=False)  # a new directory: made, found writable
+    assert paths.root.is_dir() and not any(paths.root.iterdir())  # the write probe is gone
+    paths.manifest.write_text("{}")
+    with pytest.raises(EnsembleError, match=r"already holds a run \(manifest.json\); pass --resume auto"):
+        check_output_dir(paths, overwrite=False)
+    check_output_dir(paths, overwrite=False, resume="auto")
+    check_output_dir(paths, overwrite=True)
+    with pytest.raises(EnsembleError, match="drop one"):
+        check_output_dir(paths, overwrite=True, resume="auto")

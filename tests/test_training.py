@@ -60,6 +60,7 @@ def runs(tmp_path_factory, datasets_cache):
     return out
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_member(runs):
     for i in (0, 1):
         a = _weights(runs["a"] / "members" / f"member-{i}")
@@ -67,15 +68,18 @@ def test_same_config_and_seed_give_the_same_member(runs):
         assert _same(a, b), f"member-{i} differs between identical runs"
 
 
+@pytest.mark.slow
 def test_different_seeds_give_different_members(runs):
     assert not _same(_weights(runs["a"] / "members/member-0"), _weights(runs["a"] / "members/member-1"))
 
 
+@pytest.mark.slow
 def test_a_member_does_not_depend_on_the_members_trained_before_it(runs):
     # seed 123 is the second member in "a" and the only one in "alone": no shared RNG stream
     assert _same(_weights(runs["a"] / "members/member-1"), _weights(runs["alone"] / "members/member-0"))
 
 
+@pytest.mark.slow
 def test_training_moved_the_weights(runs, datasets_cache):
     cfg = ModelConfig(
         gpt2_config={
@@ -127,3 +131,25 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, datasets_cache
     assert not torch.equal(big[key], init[key])
     for k in big:
         torch.testing.assert_close(acc[k], big[k], rtol=1e-4, atol=1e-5)
+
+
+def test_block_size_defaults_to_the_context_and_only_weight_matrices_decay():
+    import dataclasses
+
+    from ensemble.config import DataConfig, ExperimentConfig, TrainConfig
+    from ensemble.errors import EnsembleError
+    from ensemble.run import resolve_block_size
+    from ensemble.trainer import _optimizer
+
+    model_cfg, config = _tiny_model("{n_layer: 1, n_embd: 16, n_head: 2, n_positions: 32}")
+    cfg = ExperimentConfig(model=model_cfg, train=TrainConfig(weight_decay=0.01))
+    assert resolve_block_size(cfg, config) == 32  # data.block_size unset: the model's context
+    assert resolve_block_size(dataclasses.replace(cfg, data=DataConfig(block_size=16)), config) == 16
+    with pytest.raises(EnsembleError, match=r"data.block_size=64 exceeds the model's context of 32 tokens"):
+        resolve_block_size(dataclasses.replace(cfg, data=DataConfig(block_size=64)), config)
+
+    model = build_model(model_cfg, config, 0)
+    decayed, undecayed = _optimizer(model, cfg, fused=False).param_groups
+    assert decayed["weight_decay"] == 0.01 and undecayed["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in undecayed["params"])
+    assert len(decayed["params"]) + len(undecayed["params"]) == len(list(model.parameters()))

@@ -21,9 +21,10 @@ import torch
 from ensemble.cli import evaluate_main
 from ensemble.config import EvalConfig, ModelConfig
 from ensemble.data import EvalBlocks
-from ensemble.evaluation import Scorer, evaluate_members, load_members
+from ensemble.evaluation import evaluate_members, load_members
 from ensemble.metrics import SUMS
 from ensemble.ood import auroc, block_scores, detection, fpr_at_tpr
+from ensemble.scoring import Scorer
 from ensemble.selective import BINS, SCORES, RiskCoverage
 from ensemble.tokenization import load_tokenizer
 from ensemble.tokens import TokenWriter, write_html
@@ -350,6 +351,7 @@ def _browser() -> str | None:
     )
 
 
+@pytest.mark.slow
 def test_html_view_renders_in_a_headless_browser(token_run, tmp_path):
     root, *_ = token_run
     html = write_html(root / "tokens.parquet", tmp_path / "view.html", limit=600, title="test view")
