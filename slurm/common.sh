@@ -80,6 +80,19 @@ run_step() {
     trap - USR1
 }
 
+# `scontrol requeue` on this job, tried 3 times: a controller that is busy (e.g. with many jobs
+# ending at their time limit) can time out one request, and without a retry the job would end
+# FAILED and its dependants never run. (submitit and Lightning's SLURM plugin try once.)
+requeue_self() {
+    local try
+    for try in 1 2 3; do
+        scontrol requeue "$SLURM_JOB_ID" && return 0
+        log "scontrol requeue failed (try $try of 3)"
+        [[ $try -eq 3 ]] || sleep $((10 * try))
+    done
+    return 1
+}
+
 # After training (or distillation: `finish_training distillation`): requeue the job when it
 # stopped on the warning signal, so that it continues from its checkpoints (the scripts always
 # pass --resume auto). Exits the script.
@@ -95,8 +108,9 @@ finish_training() {
         if [[ $ENSEMBLE_REQUEUE == 1 ]]; then
             # (an array task has its own SLURM_JOB_ID: this requeues only this task)
             log "stopped after checkpointing (status $STEP_STATUS): requeueing job $SLURM_JOB_ID; it resumes from its checkpoints"
-            scontrol requeue "$SLURM_JOB_ID"
-            exit 0
+            requeue_self && exit 0
+            log "error: could not requeue job $SLURM_JOB_ID; its checkpoints are kept: submit the same command again to continue"
+            exit "$ENSEMBLE_PREEMPTED_EXIT"
         fi
         log "stopped after checkpointing (status $STEP_STATUS); ENSEMBLE_REQUEUE=0: resubmit to continue"
         exit "$ENSEMBLE_PREEMPTED_EXIT"

@@ -57,7 +57,14 @@ def _find(name: str) -> str | None:
 
 
 class LocalSlurm:
-    def __init__(self) -> None:
+    # Slurm holds a requeued job for cred_expire + 1 seconds (its BeginTime) so that the nodes
+    # have purged the previous attempt's credential, sockets and I/O before a new one starts
+    # (job_mgr.c, batch_requeue_fini). The default 120 s would make every requeue test wait two
+    # minutes; 10 s keeps the hold (5 is Slurm's minimum) while leaving a loaded machine time to
+    # use a step credential (it expires after the same window).
+    CRED_EXPIRE_S = 10
+
+    def __init__(self, cred_expire: int = CRED_EXPIRE_S) -> None:
         missing = [n for n in DAEMONS + CLIENTS if not _find(n)]
         if missing:
             raise Unavailable(
@@ -70,6 +77,7 @@ class LocalSlurm:
         self.dir = Path(tempfile.mkdtemp(prefix="ensemble-slurm-"))
         self.dir.chmod(0o755)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.cred_expire = cred_expire
         self.evidence = (
             Path(os.environ["ENSEMBLE_SLURM_EVIDENCE"]) if os.environ.get("ENSEMBLE_SLURM_EVIDENCE") else None
         )
@@ -104,7 +112,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={d}/munge.sock
+AuthInfo=socket={d}/munge.sock,cred_expire={self.cred_expire}
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool-%n
 SlurmctldPidFile={d}/slurmctld.pid
@@ -117,6 +125,7 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 {self._accounting_conf(dbd_port) if self.accounting else ""}
@@ -211,16 +220,6 @@ DebugLevel=debug
         self.procs[name] = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
         )
-
-    RELEASE_GRACE_S = 5.0  # how long the nodes stay idle before a requeued job is let go
-
-    @staticmethod
-    def _steps_left(job: dict) -> bool:
-        """Whether a slurmstepd of this job (any step of any attempt) still runs here (both test
-        nodes run on this machine)."""
-        job_id = job.get("ArrayJobId") if job.get("ArrayTaskId") not in (None, "") else job["JobId"]
-        pattern = rf"slurmstepd: \[{job['JobId']}\.|slurmstepd: \[{job_id}\."
-        return subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0
 
     def _nodes_idle(self) -> bool:
         proc = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False)
@@ -338,13 +337,10 @@ DebugLevel=debug
         """Until ``ready()`` (e.g. a job has written its first checkpoint)."""
         self._wait(ready, timeout, "timed out waiting")
 
-    def wait(self, job_ids: list[str], timeout: float, release_requeued: bool = True) -> None:
-        """Until none of these jobs is pending or running. Slurm holds a requeued job for about two
-        minutes before it may start again; with ``release_requeued`` it is let go as soon as both
-        nodes are idle again, i.e. once the nodes have cleaned up after its previous attempt (a
-        real cluster's two minutes leave that time; starting it sooner is a race of our making)."""
+    def wait(self, job_ids: list[str], timeout: float) -> None:
+        """Until none of these jobs is pending or running. A requeued job is left to Slurm: it
+        starts again once its hold has passed (CRED_EXPIRE_S + 1 s), never sooner."""
         deadline = time.monotonic() + timeout
-        idle_since: float | None = None
         while True:
             jobs = [j for i in job_ids for j in self.job(i)]
             live = [
@@ -354,13 +350,6 @@ DebugLevel=debug
             ]
             if not live:
                 return
-            idle = release_requeued and self._nodes_idle()
-            idle_since = (idle_since or time.monotonic()) if idle else None
-            for j in live if idle and time.monotonic() - idle_since >= self.RELEASE_GRACE_S else ():
-                # idle for a while, and no step daemon of the previous attempt left on the machine
-                # (the controller may call a node idle before its slurmstepd processes are gone)
-                if j["JobState"] == "PENDING" and j.get("Reason") == "BeginTime" and not self._steps_left(j):
-                    self.run(["scontrol", "update", f"JobId={j['JobId']}", "StartTime=now"], check=False)
             if time.monotonic() > deadline:
                 states = {j["JobId"]: (j["JobState"], j.get("Reason")) for j in jobs}
                 raise TimeoutError(f"jobs still live after {timeout} s: {states}\n{self.logs()}")

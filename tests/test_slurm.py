@@ -161,6 +161,25 @@ def test_shell_scripts_are_clean():
     assert proc.returncode == 0, proc.stdout
 
 
+@pytest.mark.parametrize("failures, status", [(0, 0), (2, 0), (3, 75)])
+def test_requeue_is_retried_and_a_failed_one_keeps_the_exit_status_of_a_stop(failures, status):
+    """finish_training after a warning signal, with an `scontrol` that fails FAILURES times: the
+    job requeues on a later try (status 0), or says how to continue and exits 75."""
+    script = f"""
+        set -euo pipefail
+        source slurm/common.sh
+        calls=0
+        scontrol() {{ calls=$((calls + 1)); echo "scontrol $*" >&2; [[ $calls -gt {failures} ]]; }}
+        sleep() {{ :; }}
+        STEP_STATUS=1 STOP_SIGNALLED=1 SLURM_JOB_ID=7
+        finish_training
+    """
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == status, proc.stderr
+    assert proc.stderr.count("scontrol requeue 7") == min(failures + 1, 3), proc.stderr
+    assert ("submit the same command again to continue" in proc.stderr) == (status == 75), proc.stderr
+
+
 def test_submit_rejects_bad_input_in_one_line(slurm, tmp_path):
     config = tiny_config(tmp_path / "c.yaml", tmp_path / "run", tmp_path / "cache")
     cases = {
