@@ -21,7 +21,7 @@ import re
 import time
 from pathlib import Path
 
-from tests.slurm_cluster import LocalSlurm
+from tests.slurm_cluster import LIVE_STATES, LocalSlurm
 
 JOB = """#!/bin/bash
 #SBATCH --nodes=2 --ntasks-per-node=1 --requeue --open-mode=append
@@ -50,7 +50,7 @@ def run_job(slurm: LocalSlurm, index: int, release: str, step_s: float, timeout:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         (job,) = slurm.job(job_id)
-        if job["JobState"] not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"):
+        if job["JobState"] not in LIVE_STATES:
             break
         if release == "early" and job["JobState"] == "PENDING" and job.get("Reason") == "BeginTime":
             slurm.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)

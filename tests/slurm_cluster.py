@@ -30,6 +30,7 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 ACCOUNTING = ("mariadb-install-db", "mariadbd", "mariadb", "slurmdbd", "sacctmgr", "sacct")
 CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "srun", "sinfo")
 NODES = ("n1", "n2")
+LIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED")  # a job not ended yet
 CPUS_PER_NODE = 2
 
 
@@ -64,7 +65,7 @@ class LocalSlurm:
     # use a step credential (it expires after the same window).
     CRED_EXPIRE_S = 10
 
-    def __init__(self, cred_expire: int = CRED_EXPIRE_S) -> None:
+    def __init__(self) -> None:
         missing = [n for n in DAEMONS + CLIENTS if not _find(n)]
         if missing:
             raise Unavailable(
@@ -77,7 +78,6 @@ class LocalSlurm:
         self.dir = Path(tempfile.mkdtemp(prefix="ensemble-slurm-"))
         self.dir.chmod(0o755)
         self.procs: dict[str, subprocess.Popen] = {}
-        self.cred_expire = cred_expire
         self.evidence = (
             Path(os.environ["ENSEMBLE_SLURM_EVIDENCE"]) if os.environ.get("ENSEMBLE_SLURM_EVIDENCE") else None
         )
@@ -112,7 +112,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={d}/munge.sock,cred_expire={self.cred_expire}
+AuthInfo=socket={d}/munge.sock,cred_expire={self.CRED_EXPIRE_S}
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool-%n
 SlurmctldPidFile={d}/slurmctld.pid
@@ -343,12 +343,7 @@ DebugLevel=debug
         deadline = time.monotonic() + timeout
         while True:
             jobs = [j for i in job_ids for j in self.job(i)]
-            live = [
-                j
-                for j in jobs
-                if j["JobState"] in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED")
-            ]
-            if not live:
+            if not any(j["JobState"] in LIVE_STATES for j in jobs):
                 return
             if time.monotonic() > deadline:
                 states = {j["JobId"]: (j["JobState"], j.get("Reason")) for j in jobs}
