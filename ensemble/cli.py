@@ -177,7 +177,9 @@ def train_main(argv: Sequence[str] | None = None) -> None:
         from .members import member_specs
 
         for spec in member_specs(cfg):
-            print(spec.index, spec.seed, spec.name)
+            # one write per line: under a launcher every rank prints into the same pipe, and
+            # print() writes each field apart, so unbuffered lines of two ranks interleave
+            sys.stdout.write(f"{spec.index} {spec.seed} {spec.name}\n")
         return
     setup_logging()
     from .run import train_run

@@ -57,7 +57,8 @@ def test_the_entry_scripts_leave_that_way_under_a_launcher(tmp_path):
             """
         )
     )
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    # unbuffered as on CI: the two ranks' lines reach the shared pipe as they are written
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONUNBUFFERED": "1"}
     command = ["launch/train.py", "--config", "configs/tiny.yaml", "--list-members"]
     launched = subprocess.run(
         [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", *command],
@@ -67,7 +68,9 @@ def test_the_entry_scripts_leave_that_way_under_a_launcher(tmp_path):
         timeout=300,
         env=env,
     )
-    assert launched.returncode == 0 and launched.stdout.count("0 42 member-0") == 2, launched.stderr[-2000:]
+    assert launched.returncode == 0 and launched.stdout.splitlines().count("0 42 member-0") == 2, (
+        launched.stderr[-2000:]
+    )
     workers = [line for line in launched.stderr.splitlines() if line in ("EXIT HANDLER", "FINALIZED")]
     # the two workers leave without finalizing; the launcher itself (a plain process) finalizes
     assert workers.count("EXIT HANDLER") == 3 and workers.count("FINALIZED") == 1, launched.stderr[-3000:]
