@@ -334,19 +334,24 @@ def check_training_data(path: Path, info: dict[str, Any], train_sha256: str) -> 
 # Stopping on a signal
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# A launcher forwards the Ctrl-C it got from the terminal to its workers, which got it too,
+# within milliseconds; a person pressing Ctrl-C again to stop at once takes longer than this.
+CTRL_C_REPEAT_WINDOW_S = 0.5
 
 
 class StopRequest:
-    """While active, SIGTERM and SIGUSR1 ask training to save a checkpoint at the next step
-    boundary and exit with :data:`errors.PREEMPTED_EXIT` (so a scheduler can requeue the job).
+    """While active, SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) ask training to save a checkpoint at the
+    next step boundary and exit with :data:`errors.PREEMPTED_EXIT` (so a scheduler can requeue the
+    job, and a person can continue with --resume auto).
 
     ``publish`` and ``seen`` connect the processes of a launch (through its store): a request
     seen by one is published to all, so every group of ranks stops, not only the one that was
     signalled. A second signal while a stop is pending is taken as "stop now" and ends the
     process at once, unless it comes within ``repeat_window_s`` of the first: that is the same
     request delivered twice (Slurm signals every process of a job step, and the launcher, which
-    is one of them, forwards what it got to its workers).
+    is one of them, forwards what it got to its workers); for Ctrl-C the window is
+    :data:`CTRL_C_REPEAT_WINDOW_S`, so that pressing it twice stops at once.
     """
 
     def __init__(
@@ -375,14 +380,24 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         if self.signal is not None:
-            if time.monotonic() - self._first_at < self._repeat_window_s:
+            window = self._repeat_window_s
+            if signum == signal.SIGINT:
+                window = min(window, CTRL_C_REPEAT_WINDOW_S)
+            if time.monotonic() - self._first_at < window:
                 return
-            raise Preempted(f"second {signal.Signals(signum).name} while stopping: stopped at once")
+            raise Preempted(
+                f"second {name} while stopping: stopped at once, without a checkpoint of the steps "
+                "since the last one"
+            )
         self.signal, self._first_at = signum, time.monotonic()
         logger.warning(
-            "received %s: saving a checkpoint at the next step boundary, then exiting",
-            signal.Signals(signum).name,
+            "received %s: saving a checkpoint at the next step boundary, then exiting%s",
+            name,
+            " (Ctrl-C again to stop at once, losing the steps since the last checkpoint)"
+            if signum == signal.SIGINT
+            else "",
         )
 
     def requested(self) -> bool:

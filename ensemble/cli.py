@@ -89,8 +89,13 @@ def guarded(main: Callable[[Sequence[str] | None], object]) -> Callable[[Sequenc
                 flush=True,
             )
             return PREEMPTED_EXIT
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C outside training (which checkpoints on it, see StopRequest)
+            print(
+                f"{_line_start()}interrupted: {_where()}what was written is kept (checkpoints, finished "
+                "members, earlier results); rerun the same command (training: with --resume auto) to continue",
+                file=sys.stderr,
+                flush=True,
+            )
             return 130
         except Exception as e:
             # In a multi-process job, say at once which rank failed and why, before the
@@ -112,8 +117,8 @@ def train_parser() -> argparse.ArgumentParser:
         prog="launch/train.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train seeded members and evaluate their ensemble.\n\nExit status: 0 done; 2 a "
-        f"mistake in the input (one error line); {PREEMPTED_EXIT} stopped by SIGTERM/SIGUSR1 after saving "
-        "checkpoints (requeue with --resume auto).",
+        f"mistake in the input (one error line); {PREEMPTED_EXIT} stopped by SIGTERM/SIGUSR1 or Ctrl-C "
+        "after saving checkpoints (continue with --resume auto; Ctrl-C twice stops at once).",
         epilog="overrides: dotted section.key=value pairs, values parsed as YAML.\n\n"
         "Config keys (defaults):\n" + describe(),
     )
@@ -325,10 +330,12 @@ def resolve_evaluation(
             data[key] = None
         for key in ("train_files", "validation_files", "test_files"):
             data[key] = []
+        from .data import BUILDER_BY_SUFFIX
+
         if all(Path(d).is_file() for d in args.data):
             data["test_files"] = list(args.data)
-        elif len(args.data) == 1:
-            data["dataset"] = args.data[0]
+        elif len(args.data) == 1 and Path(args.data[0]).suffix.lower() not in BUILDER_BY_SUFFIX:
+            data["dataset"] = args.data[0]  # a saved dataset or a Hub name (a file has a suffix)
         else:
             missing = [d for d in args.data if not Path(d).is_file()]
             raise EnsembleError(f"--data: file(s) {missing} not found; fix the paths")
@@ -368,8 +375,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> None:
     """Evaluate in one process, or sharded over the processes of a launcher (torchrun,
     `accelerate launch`)."""
     args = evaluate_args(argv)
-    member_paths, cfg, run_cfg, split, out = resolve_evaluation(args)
     setup_logging()
+    member_paths, cfg, run_cfg, split, out = resolve_evaluation(args)
     from .distributed import Worlds, launch_info, local_device
     from .evaluation import EvalOutputs, evaluate
 
@@ -412,7 +419,7 @@ def distill_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Distil a run's finished members into one student, then evaluate it with them.\n\n"
         f"Exit status: 0 done; 2 a mistake in the input (one error line); {PREEMPTED_EXIT} stopped by "
-        "SIGTERM/SIGUSR1 after saving a checkpoint (requeue with --resume auto).",
+        "SIGTERM/SIGUSR1 or Ctrl-C after saving a checkpoint (continue with --resume auto).",
         epilog="examples:\n"
         "  python launch/distill.py runs/tiny\n"
         "  accelerate launch --config_file configs/accelerate/cpu.yaml launch/distill.py runs/tiny\n"
@@ -528,7 +535,13 @@ def generate_main(argv: Sequence[str] | None = None) -> None:
     if args.prompts_file:
         if not args.prompts_file.is_file():
             raise EnsembleError(f"--prompts-file {args.prompts_file} not found; fix the path")
-        prompts += [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        from_file = [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        if not from_file:
+            raise EnsembleError(
+                f"--prompts-file {args.prompts_file} holds no prompt (it wants one per line); "
+                "write prompts into it, or pass --prompt TEXT"
+            )
+        prompts += from_file
     if not prompts:
         raise EnsembleError("no prompt; pass --prompt TEXT or --prompts-file FILE")
     from .decoding import Settings, continue_prompts, write_records

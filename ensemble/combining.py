@@ -29,6 +29,15 @@ import torch
 TEMPERATURE_GRID = np.exp(np.linspace(math.log(0.25), math.log(4.0), 25))
 
 
+def _into(buffer: torch.Tensor | None, *inputs: torch.Tensor) -> torch.Tensor | None:
+    """``buffer`` to write a result into, or None (a fresh tensor) where autograd records any of
+    ``inputs``: PyTorch's ``out=`` variants are not differentiable, and a user scoring without
+    ``torch.no_grad()`` (or differentiating through the ensemble) must still get an answer."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return None
+    return buffer
+
+
 class MeanProb:
     """Running log of the mean of member probabilities over one chunk of positions; after k
     members, :meth:`logprobs` is the mixture of the first k. With ``log_weights``, the weighted
@@ -44,11 +53,11 @@ class MeanProb:
     def add(self, logp: torch.Tensor, tmp: torch.Tensor | None = None) -> None:
         """Add member ``logp``; ``tmp``: a buffer for its weighted copy."""
         if self._log_weights is not None:
-            logp = torch.add(logp, float(self._log_weights[self._n]), out=tmp)
+            logp = torch.add(logp, float(self._log_weights[self._n]), out=_into(tmp, logp))
         if self._acc is None:
             self._acc = logp.clone() if self._out is None else self._out.copy_(logp)
         else:
-            torch.logaddexp(self._acc, logp, out=self._acc)
+            self._acc = torch.logaddexp(self._acc, logp, out=_into(self._acc, self._acc, logp))
         self._n += 1
 
     def result(self) -> torch.Tensor:
@@ -62,7 +71,7 @@ class MeanProb:
             raise ValueError("no member was added")
         if self._log_weights is not None:
             return self._acc
-        return torch.sub(self._acc, math.log(self._n), out=out)
+        return torch.sub(self._acc, math.log(self._n), out=_into(out, self._acc))
 
 
 class Mean:
@@ -87,7 +96,7 @@ class Mean:
         if self._total is None:
             raise ValueError("nothing was added")
         mean = self._total.div_(self._n)
-        return torch.log_softmax(mean, dim=-1, out=mean if self._out is not None else None)
+        return torch.log_softmax(mean, dim=-1, out=_into(mean, mean) if self._out is not None else None)
 
     result = log_softmax
 

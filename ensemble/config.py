@@ -8,6 +8,7 @@ any work starts. The docstrings double as ``--help`` text (see :func:`describe`)
 from __future__ import annotations
 
 import ast
+import codecs
 import dataclasses
 import inspect
 import math
@@ -160,6 +161,11 @@ class DataConfig:
     """How a local .txt file is split into examples: one document per file, one per blank-line
     separated paragraph, or one per line."""
 
+    encoding: str = "utf-8"
+    """Encoding of local text files (.txt, .json/.jsonl, .csv): any Python codec name, e.g.
+    `latin-1` (many Project Gutenberg books). A file that does not decode is refused before any
+    work, with its first bad byte."""
+
     validation_fraction: float = 0.1
     """Fraction of the train examples carved out as validation when the dataset has none."""
 
@@ -177,12 +183,24 @@ class DataConfig:
     (`HF_DATASETS_CACHE`)."""
 
     def validate(self) -> None:
-        sources = [bool(self.dataset), bool(self.train_files or self.test_files)]
-        if sum(sources) != 1:
+        files = bool(self.train_files or self.test_files)
+        if self.dataset and files:
             raise ConfigError(
-                "set exactly one data source: data.dataset (a Hub name, a saved dataset or "
+                f"data.dataset={self.dataset} and data.train_files/test_files are both set; to use your "
+                "own files add data.dataset=null, to use the dataset drop the files"
+            )
+        if not self.dataset and not files:
+            raise ConfigError(
+                "no data source: set data.dataset (a Hub name, a saved dataset or "
                 f"{BUILTIN_PYTHON_DOCS}) or data.train_files/data.test_files (local files)"
             )
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(
+                f"data.encoding={self.encoding!r} is not a known encoding; use a Python codec name "
+                "such as utf-8 or latin-1"
+            ) from None
         if self.text_column and self.text_template:
             raise ConfigError("data.text_column and data.text_template are both set; set one")
         for name in ("validation_fraction", "test_fraction"):
@@ -642,6 +660,42 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
+# Names users bring from transformers' TrainingArguments and run_clm.py, and ours for them: an
+# unknown key that is one of these is answered with ours (difflib would not find lr from
+# learning_rate).
+FOREIGN_NAMES = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.num_epochs",
+    "epochs": "train.num_epochs",
+    "per_device_train_batch_size": "train.per_device_batch_size",
+    "batch_size": "train.per_device_batch_size",
+    "lr_scheduler_type": "train.lr_scheduler",
+    "adam_epsilon": "train.adam_eps",
+    "torch_compile": "train.compile",
+    "bf16": "train.mixed_precision",
+    "fp16": "train.mixed_precision",
+    "save_steps": "checkpoint.every_steps",
+    "save_total_limit": "checkpoint.keep_last",
+    "per_device_eval_batch_size": "eval.per_device_batch_size",
+    "output_dir": "output.dir",
+    "overwrite_output_dir": "output.overwrite",
+    "seed": "members.seeds",
+    "report_to": "tracking.report_to",
+    "run_name": "tracking.run_name",
+    "model_name_or_path": "model.name_or_path",
+    "dataset_name": "data.dataset",
+    "dataset_config_name": "data.dataset_config",
+    "train_file": "data.train_files",
+    "validation_file": "data.validation_files",
+}
+
+
+def _suggestion(key: str, names: set[str]) -> str:
+    if key in FOREIGN_NAMES:
+        return f" (did you mean {FOREIGN_NAMES[key]}?)"
+    return did_you_mean(key, names)
+
+
 def from_dict(cls: type, raw: Any, where: str) -> Any:
     """Turn a raw mapping into dataclass ``cls``, checking every key and type."""
     if not isinstance(raw, dict):
@@ -652,7 +706,7 @@ def from_dict(cls: type, raw: Any, where: str) -> Any:
         if key not in names:
             place = f"{where}.{key}" if where else str(key)
             raise ConfigError(
-                f"unknown config key {place}{did_you_mean(str(key), names)}; "
+                f"unknown config key {place}{_suggestion(str(key), names)}; "
                 f"valid keys{' in ' + where if where else ''}: {', '.join(sorted(names))}"
             )
     kwargs = {}

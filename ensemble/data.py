@@ -8,6 +8,7 @@ test token is dropped; in a block, position t predicts token t+1. Training uses 
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import logging
@@ -35,6 +36,7 @@ BUILDER_BY_SUFFIX = {
     ".csv": "csv",
     ".parquet": "parquet",
 }
+TEXT_BUILDERS = ("text", "json", "csv")  # formats read as text, in data.encoding
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,8 +129,45 @@ def _load_source(cfg: DataConfig) -> Any:
             f"data files mix formats ({', '.join(sorted(builders))}); convert them to one format"
         )
     (builder,) = builders
-    kwargs = {"sample_by": cfg.txt_sample_by, "keep_linebreaks": True} if builder == "text" else {}
+    kwargs: dict[str, Any] = {}
+    if builder in TEXT_BUILDERS:
+        for paths in files.values():
+            for p in paths:
+                check_text_file(Path(p), cfg.encoding)
+        kwargs["encoding"] = cfg.encoding
+    if builder == "text":
+        kwargs.update(sample_by=cfg.txt_sample_by, keep_linebreaks=True)
     return datasets.load_dataset(builder, data_files=files, cache_dir=cfg.cache_dir, **kwargs)
+
+
+def check_text_file(path: Path, encoding: str, chunk: int = 1 << 20) -> None:
+    """Refuse, in one line that says how to fix it, a file that is binary or not in ``encoding``.
+    `datasets` would fail on it mid-build with a long traceback (and a half-built cache entry);
+    reading it once more here is cheap next to tokenizing it."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    # UTF-16/32 text holds NUL bytes; in any 8-bit or UTF-8 text a NUL means binary data.
+    wide = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))
+    offset, line = 0, 1
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            if not wide and (nul := block.find(b"\0")) >= 0:
+                raise EnsembleError(
+                    f"{path} holds binary data (a NUL byte at byte {offset + nul}), not text; "
+                    "give a text file"
+                )
+            try:
+                decoder.decode(block, final=len(block) < chunk)
+            except UnicodeDecodeError as e:
+                at = offset + e.start
+                line += block[: e.start].count(b"\n")
+                raise EnsembleError(
+                    f"{path} is not {encoding} text (byte 0x{block[e.start]:02x} at byte {at}, line "
+                    f"{line}); if it is in another encoding, set data.encoding (e.g. data.encoding=latin-1, "
+                    f"as many Project Gutenberg books are), or convert it: iconv -f latin1 -t utf-8 "
+                    f"{path} > {path.stem}.utf8{path.suffix}"
+                ) from None
+            offset += len(block)
+            line += block.count(b"\n")
 
 
 def load_splits(cfg: DataConfig) -> Any:
@@ -280,14 +319,18 @@ class TrainBlocks(torch.utils.data.Dataset):
 
 
 class EvalBlocks(torch.utils.data.Dataset):
-    """Consecutive non-overlapping blocks covering the whole stream, the last one possibly short."""
+    """Consecutive non-overlapping blocks covering the stream, the last one possibly short. A last
+    block of one token is left out: nothing in it is predicted (its token follows the previous
+    block's last, which does not see across the boundary), and counting it would make the blocks
+    of the report disagree with those that hold predictions (the out-of-domain table's)."""
 
     def __init__(self, stream: np.ndarray, block_size: int):
         self.stream = torch.from_numpy(stream.astype(np.int64))
         self.block_size = block_size
 
     def __len__(self) -> int:
-        return -(-len(self.stream) // self.block_size)
+        full, rest = divmod(len(self.stream), self.block_size)
+        return full + (rest > 1)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.stream[i * self.block_size : (i + 1) * self.block_size]

@@ -15,7 +15,7 @@ from typing import IO, Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .errors import EnsembleError
+from .errors import EnsembleError, count
 from .files import atomic_write_text
 from .generation import EnsembleForCausalLM
 from .uncertainty import Uncertainty
@@ -101,8 +101,8 @@ class Continuation:
 
 def mark(text: str, epistemic: float, levels: tuple[float, float], colour: bool) -> str:
     """A token's text marked by its disagreement: a shade on a terminal, else `[text|0.12]`."""
-    if not colour:
-        return f"[{text}|{epistemic:.2f}]"
+    if not colour:  # escaped as in Python (a newline token shows as \n), quotes left as they are
+        return f"[{repr(text)[1:-1]}|{epistemic:.2f}]"
     level = sum(epistemic >= x for x in levels)
     return f"{_SHADES[level]}{text}{_RESET}" if level else text
 
@@ -169,8 +169,8 @@ def check_lengths(model: EnsembleForCausalLM, prompt_tokens: int, settings: Sett
             else f"shorten the prompt to fewer than {model.context} tokens"
         )
         raise EnsembleError(
-            f"the prompt is {prompt_tokens} tokens and --max-new-tokens {settings.max_new_tokens}, but the "
-            f"members' context is {model.context} tokens; {fix}"
+            f"the prompt is {count(prompt_tokens, 'token')} and --max-new-tokens {settings.max_new_tokens}, "
+            f"but the members' context is {count(model.context, 'token')}; {fix}"
         )
 
 

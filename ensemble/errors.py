@@ -28,6 +28,11 @@ def did_you_mean(name: str, options: Iterable[object]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless n is 1: "1 token", "3 tokens"."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
 class ConfigError(EnsembleError):
     """The configuration is invalid (unknown key, wrong type, impossible value)."""
 

@@ -382,7 +382,12 @@ def load_ensemble(
                 f"weights {list(fitted)} must be {len(names)} non-negative numbers summing to 1"
             )
     dtype = _resolve_dtype(dtype, placement)
-    models = [m.model.to(device=device, dtype=dtype) for m, device in zip(loaded, placement, strict=True)]
+    # Frozen: scoring without torch.no_grad() then records no graph through the members' weights
+    # (the combination is still differentiable, see combining._into, for who unfreezes them).
+    models = [
+        m.model.to(device=device, dtype=dtype).requires_grad_(False)
+        for m, device in zip(loaded, placement, strict=True)
+    ]
     tokenizer = loaded[0].tokenizer
     # Ready for batched generation: prompts of different lengths are padded on the left, so
     # that every row's next token follows its last real one.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ from .faults import inject
 from .files import atomic_directory, atomic_write_json, atomic_write_text, read_record
 from .hub import require_local_or_hub
 from .provenance import environment, library_versions
+
+logger = logging.getLogger(__name__)
 
 MEMBER_INFO = "member.json"
 STUDENT = "student"  # the distilled student's name: its role, its directory in the run
@@ -315,12 +318,16 @@ def member_dirs(source: str | Path | Sequence[str | Path]) -> list[Path]:
         run = Path(source)
         if not run.is_dir():
             raise EnsembleError(f"run directory {run} not found; pass the output.dir of a training run")
+        if is_complete_member(run):
+            logger.warning("%s is one member directory: an ensemble of one member", run)
+            return [run]
         paths = find_members(run)
         if not paths:
             raise EnsembleError(
                 f"{run} holds no finished members (members/member-<i>/member.json); train them first "
                 "(--resume auto finishes an interrupted run)"
             )
+        _warn_unfinished(run, paths)
         return paths
     paths = [Path(p) for p in source]
     if not paths:
@@ -329,6 +336,24 @@ def member_dirs(source: str | Path | Sequence[str | Path]) -> list[Path]:
         if not p.is_dir():
             raise EnsembleError(f"member directory {p} not found; fix the path")
     return paths
+
+
+def _warn_unfinished(run: Path, finished: list[Path]) -> None:
+    """Say so when the run's manifest lists members that are not finished (still training,
+    failed or interrupted): the ensemble is then made of the finished ones only."""
+    listed = read_manifest(RunPaths(run)).get("members", [])
+    missing = [m["name"] for m in listed if not is_complete_member(run / m["path"])]
+    if missing:
+        logger.warning(
+            "%s: %d of %d members are finished; using %s, without %s (not finished: finish them with "
+            "launch/train.py --config %s --resume auto)",
+            run,
+            len(finished),
+            len(listed),
+            ", ".join(p.name for p in finished),
+            ", ".join(missing),
+            RunPaths(run).config,
+        )
 
 
 def read_member_info(path: Path) -> dict[str, Any]:

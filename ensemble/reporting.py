@@ -57,8 +57,11 @@ def format_table(results: dict[str, Any]) -> str:
         seed = f" (seed {m['seed']})" if m.get("seed") is not None else ""
         temp = f", T={m['temperature']:.3g}" if m.get("temperature", 1.0) != 1.0 else ""
         lines.append(_row(f"{m['name']}{seed}{temp}", m))
+    alone = results["members"][0]["name"] if len(results["members"]) == 1 else None
     for name, row in results["combiners"].items():
         label = COMBINERS[name].label if name in COMBINERS else name
+        if alone:
+            label += f", of one member (= {alone})"
         if "weights" in row:
             label += " w=" + ",".join(f"{w:.3f}" for w in row["weights"])
         lines.append(_row(label, row))

@@ -36,11 +36,15 @@ def check_output_dir(paths: RunPaths, overwrite: bool, resume: str | None = None
         raise EnsembleError(
             "--resume continues the run in output.dir but output.overwrite=true would replace it; drop one"
         )
+    missing = [d for d in (root, *root.parents) if not d.exists()]
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = tmp_name(root / "write-probe")
         probe.write_text("")
         probe.unlink()
+        # the run writes its directory once its data is read: a bad data file leaves nothing
+        for d in missing:
+            d.rmdir()
     except OSError as e:
         raise EnsembleError(
             f"output.dir '{root}' is not writable ({e.strerror or e}); choose a writable output.dir"

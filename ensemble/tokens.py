@@ -175,10 +175,10 @@ def write_html(tokens_path: Path, html_path: Path, limit: int = HTML_TOKENS, tit
     low, high = (float(q) for q in np.quantile(mi, [0.05, 0.99])) if len(mi) else (0.0, 0.0)
     spans, previous_block = [], None
     for i in range(len(mi)):
-        if previous_block is not None and rows["block"][i] != previous_block:
+        if rows["block"][i] != previous_block:  # the split's first block too: its first token is not here
             spans.append(
                 f'<span class="cut" title="block {rows["block"][i]} starts: its first token is '
-                'context, not scored">|</span>'
+                'context, not scored, not shown">|</span>'
             )
         previous_block = rows["block"][i]
         tip = [
@@ -207,7 +207,9 @@ body {{ font-family: sans-serif; margin: 2em; color: #222; background: #fff; }}
 <p>Each token is shaded by the mutual information between the members' next-token distributions
 (epistemic uncertainty: what the members disagree on), from white (&le; {low:.3g} nats, the 5th
 percentile here) to red (&ge; {high:.3g} nats, the 99th). Hover a token for its probabilities.
-{len(mi)} tokens shown, mean mutual information {mean:.4g} nats.</p>
+{len(mi)} tokens shown, mean mutual information {mean:.4g} nats. A grey | marks where a block
+starts, the text's beginning included: a block's first token is only context for the next (nothing
+predicts it), so it is not scored and not shown.</p>
 <p class="legend">{"".join(f'<span style="background:{_shade(v, low, high)}">{v:.3g}</span>' for v in np.linspace(low, high, 6))}</p>
 <div class="text">{"".join(spans)}</div>
 </body></html>

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import time
@@ -28,6 +29,15 @@ def _fails(capsys, argv: list[str], message: str) -> str:
     "extra, message",
     [
         ({"train__lrr": 1}, "unknown config key train.lrr (did you mean lr?)"),
+        # the names transformers users type get ours, not difflib's guess
+        ({"train__learning_rate": 1}, "unknown config key train.learning_rate (did you mean train.lr?)"),
+        ({"train__seed": 1}, "unknown config key train.seed (did you mean members.seeds?)"),
+        (
+            {"data__train_files": "[x.txt]"},
+            "data.dataset=builtin:python-docs and data.train_files/test_files are both set; to use your "
+            "own files add data.dataset=null",
+        ),
+        ({"data__encoding": "latin-9x"}, "data.encoding='latin-9x' is not a known encoding"),
         ({"train__per_device_batch_size": "four"}, "train.per_device_batch_size expects int, got 'four'"),
         ({"members__seeds": "[1, 2, 1]"}, "members.seeds has duplicate seeds [1]"),
         (
@@ -48,6 +58,64 @@ def test_bad_input_is_one_line(tmp_path, capsys, datasets_cache, extra, message)
     out = tmp_path / "run"
     _fails(capsys, tiny_overrides(out, datasets_cache, **extra), message)
     assert not (out / "members").exists()
+
+
+def _text_files(tmp_path: Path, sherlock: Path) -> tuple[Path, Path]:
+    """A Latin-1 book (as many Project Gutenberg books are) and a binary file saved as .txt."""
+    text = sherlock.read_text()[:20000].replace(" the ", " thé ")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(text.encode("latin-1"))
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(gzip.compress(text.encode()))
+    return latin1, binary
+
+
+def test_text_that_is_not_utf8_is_one_line_for_train_and_evaluate(tmp_path, capsys, datasets_cache, sherlock):
+    """Training on, or evaluating with, a file that is not UTF-8 says which byte, and how to fix
+    it (data.encoding, or iconv); a binary file is named as such; nothing is left behind; with
+    data.encoding=latin-1 both commands work."""
+    from ensemble.cli import evaluate_main
+
+    latin1, binary = _text_files(tmp_path, sherlock)
+    offset = latin1.read_bytes().index(b"\xe9")
+    line = latin1.read_bytes()[:offset].count(b"\n") + 1
+    own = {"data__dataset": "null", "data__txt_sample_by": "paragraph"}
+    out = tmp_path / "run"
+    _fails(
+        capsys,
+        tiny_overrides(out, datasets_cache, data__train_files=f"[{latin1}]", **own),
+        f"{latin1} is not utf-8 text (byte 0xe9 at byte {offset}, line {line}); if it is in another "
+        "encoding, set data.encoding (e.g. data.encoding=latin-1",
+    )
+    assert not out.exists()
+    _fails(
+        capsys,
+        tiny_overrides(out, datasets_cache, data__train_files=f"[{binary}]", **own),
+        f"{binary} holds binary data (a NUL byte at byte ",
+    )
+    assert not out.exists()
+    argv = tiny_overrides(
+        out, datasets_cache, data__train_files=f"[{latin1}]", data__encoding="latin-1", **own
+    )
+    assert train_main(argv) == 0
+
+    def evaluate(*args: str) -> tuple[int, str]:
+        code = evaluate_main([str(out), *args])
+        return code, capsys.readouterr().err.strip().splitlines()[-1]
+
+    results = (out / "results.json").read_bytes()
+    code, last = evaluate("--data", str(latin1), "data.encoding=utf-8")
+    assert code == 2 and last.startswith(f"error: {latin1} is not utf-8 text (byte 0xe9"), last
+    code, last = evaluate("--data", str(binary))
+    assert code == 2 and last.startswith(f"error: {binary} holds binary data"), last
+    code, last = evaluate("--data", str(tmp_path / "nonexistent.txt"))
+    assert (
+        code == 2
+        and last == f"error: --data: file(s) ['{tmp_path / 'nonexistent.txt'}'] not found; fix the paths"
+    )
+    assert (out / "results.json").read_bytes() == results
+    code, _ = evaluate("--data", str(latin1))  # the run's own data.encoding applies
+    assert code == 0 and (out / "eval" / "latin1.txt-test" / "results.json").is_file()
 
 
 def test_test_split_too_small(tmp_path, capsys, datasets_cache, sherlock):
@@ -271,3 +339,24 @@ def test_compile_where_it_cannot_run_stops_before_any_work(tmp_path, datasets_ca
         .startswith("error: eval.compile=true but torch.compile fails on this cpu (")
     )
     assert (out / "results.json").read_bytes() == before
+
+
+def test_evaluating_a_run_with_unfinished_members_says_which_are_used(tmp_path, capsys, datasets_cache):
+    """A run whose manifest lists members that are not finished (still training, failed) is
+    evaluated with the finished ones, saying so; an ensemble of one member is labelled as such."""
+    import shutil
+
+    from ensemble.cli import evaluate_main
+
+    out = tmp_path / "run"
+    assert train_main(tiny_overrides(out, datasets_cache, members__seeds="[1, 2]")) == 0
+    shutil.rmtree(out / "members" / "member-1")
+    capsys.readouterr()
+    assert evaluate_main([str(out)]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"{out}: 1 of 2 members are finished; using member-0, without member-1 (not finished: finish "
+        f"them with launch/train.py --config {out / 'config.yaml'} --resume auto)"
+    ) in err
+    table = (out / "results.md").read_text()
+    assert "| **Ensemble** (mean probability), of one member (= member-0) |" in table

@@ -251,6 +251,8 @@ def test_settings_are_checked_and_tokens_marked_by_their_disagreement():
             Settings(**{name: value})
     levels = (0.1, 0.5)
     assert mark("cat", 0.123, levels, colour=False) == "[cat|0.12]"  # off a terminal: the value
+    assert mark("\n", 0.2, levels, colour=False) == "[\\n|0.20]"  # a newline token, visible
+    assert mark("é!", 0.2, levels, colour=False) == "[é!|0.20]"
     assert mark("cat", 0.05, levels, colour=True) == "cat"  # below the first level: unmarked
     medium, high = mark("cat", 0.1, levels, colour=True), mark("cat", 0.7, levels, colour=True)
     assert "cat" in medium and "cat" in high and len({medium, high, "cat"}) == 3
@@ -309,6 +311,13 @@ def test_bad_input_is_one_line_naming_the_fix(run: Path, tmp_path: Path, capsys)
     )
     assert "one device per member" in _error([str(run), "--prompt", "Hi", "--devices", "cpu", "cpu"], capsys)
     assert "no prompt" in _error([str(run)], capsys)
+    (tmp_path / "blank.txt").write_text("\n \n")
+    assert f"--prompts-file {tmp_path / 'blank.txt'} holds no prompt (it wants one per line)" in _error(
+        [str(run), "--prompts-file", str(tmp_path / "blank.txt")], capsys
+    )
+    assert "the prompt is 1 token and --max-new-tokens 64" in _error(
+        [str(run), "--prompt", "Hi", "--max-new-tokens", "64"], capsys
+    )
     model, _ = load_ensemble(run)
     with pytest.raises(EnsembleError, match="context is 64 tokens"):
         model(torch.zeros((1, 65), dtype=torch.long))
@@ -324,6 +333,33 @@ def test_bad_input_is_one_line_naming_the_fix(run: Path, tmp_path: Path, capsys)
     tokenizer.save_pretrained(other)
     with pytest.raises(EnsembleError, match=r"member-1 .* uses a different tokenizer than member-0"):
         load_ensemble([_members(run)[0], other])
+
+
+@pytest.mark.parametrize("combiner", ["mean_prob", "mean_logit", "geometric", "weighted"])
+def test_scoring_and_generation_work_with_and_without_no_grad(run: Path, combiner: str):
+    """The README's `model(input_ids, labels=input_ids).loss`, called without torch.no_grad():
+    the members are frozen, so it records no graph and gives the no_grad number; unfrozen, the
+    combination is differentiable down to the members' weights."""
+    model, tokenizer = load_ensemble(run, combiner=combiner)
+    ids = tokenizer(["The sea is calm tonight"], return_tensors="pt").input_ids
+    loss = model(ids, labels=ids).loss
+    with torch.no_grad():
+        expected = model(ids, labels=ids).loss
+    assert torch.equal(loss, expected) and not loss.requires_grad
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    model.requires_grad_(True)
+    loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert torch.allclose(loss.detach(), expected)
+    assert all(m.get_input_embeddings().weight.grad.abs().sum() > 0 for m in model.members)
+
+
+def test_a_member_directory_loads_as_an_ensemble_of_one(run: Path, caplog):
+    member = _members(run)[0]
+    with caplog.at_level("WARNING"):
+        model = EnsembleForCausalLM.from_pretrained(member)
+    assert len(model.members) == 1 and model.config.member_names == [member.name]
+    assert f"{member} is one member directory: an ensemble of one member" in caplog.text
 
 
 def test_members_on_their_own_devices_and_loading_in_one_call(run: Path):

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -140,6 +141,21 @@ def test_a_signal_delivered_twice_at_once_is_one_request():
         os.kill(os.getpid(), signal.SIGUSR1)
         with pytest.raises(Preempted, match="second SIGUSR1 while stopping"):
             os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_ctrl_c_asks_for_a_checkpoint_and_ctrl_c_again_stops_at_once():
+    """The first Ctrl-C is a stop request like SIGTERM; the launcher's forwarded copy, moments
+    later, is the same request; a second press after that stops at once."""
+    from ensemble.checkpointing import CTRL_C_REPEAT_WINDOW_S
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the launcher's copy
+        assert stop.requested() and stop.reason() == "SIGINT"
+        time.sleep(CTRL_C_REPEAT_WINDOW_S + 0.05)
+        with pytest.raises(Preempted, match="second Ctrl-C while stopping: stopped at once"):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 @pytest.mark.parametrize("resume", ["auto", "member-1-checkpoint"])

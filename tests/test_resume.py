@@ -252,7 +252,9 @@ def _wait_for_checkpoint(run: Path, member: int, proc: subprocess.Popen, timeout
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT], ids=["SIGUSR1", "SIGTERM", "Ctrl-C"]
+)
 @pytest.mark.slow
 def test_signal_saves_a_checkpoint_exits_75_and_resumes_identically(
     sig, tmp_path, datasets_cache, small_text, long_baseline

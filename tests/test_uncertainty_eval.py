@@ -357,6 +357,12 @@ def test_html_view_renders_in_a_headless_browser(token_run, tmp_path):
     html = write_html(root / "tokens.parquet", tmp_path / "view.html", limit=600, title="test view")
     text = html.read_text()
     assert text.count("ensemble top-1: ") == 600 and "mutual information" in text  # a tooltip per token
+    # Every block start is marked, the text's first one too, and the page says what the mark means.
+    import pyarrow.parquet as pq
+
+    starts = len(set(pq.read_table(root / "tokens.parquet").column("block").to_pylist()[:600]))
+    assert text.count('class="cut"') == starts and "the text's beginning included" in text
+    assert text.index('class="cut"') < text.index("ensemble top-1: ")
     browser = _browser()
     if browser is None:
         if os.environ.get("REQUIRE_BROWSER"):
