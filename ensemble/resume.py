@@ -36,15 +36,18 @@ def check_output_dir(paths: RunPaths, overwrite: bool, resume: str | None = None
         raise EnsembleError(
             "--resume continues the run in output.dir but output.overwrite=true would replace it; drop one"
         )
-    missing = [d for d in (root, *root.parents) if not d.exists()]
+    # Probe without creating output.dir (the run creates it once its data is read, so a bad data
+    # file leaves nothing behind): a file in it if it exists, else a directory of this process's
+    # own name in the nearest existing parent (every rank probes at once; names never collide).
+    existing_dir = next(d for d in (root, *root.parents) if d.exists())
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = tmp_name(root / "write-probe")
-        probe.write_text("")
-        probe.unlink()
-        # the run writes its directory once its data is read: a bad data file leaves nothing
-        for d in missing:
-            d.rmdir()
+        probe = tmp_name(existing_dir / "write-probe")
+        if existing_dir == root:
+            probe.write_text("")
+            probe.unlink()
+        else:
+            probe.mkdir()
+            probe.rmdir()
     except OSError as e:
         raise EnsembleError(
             f"output.dir '{root}' is not writable ({e.strerror or e}); choose a writable output.dir"
