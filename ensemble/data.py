@@ -158,10 +158,13 @@ def check_text_file(path: Path, encoding: str, chunk: int = 1 << 20) -> None:
             try:
                 decoder.decode(block, final=len(block) < chunk)
             except UnicodeDecodeError as e:
-                at = offset + e.start
-                line += block[: e.start].count(b"\n")
+                # e.object is what the decoder held: the end of a sequence cut by the last block,
+                # then this block; e.start counts from its beginning
+                held = len(e.object) - len(block)
+                at = offset - held + e.start
+                line += block[: max(e.start - held, 0)].count(b"\n")
                 raise EnsembleError(
-                    f"{path} is not {encoding} text (byte 0x{block[e.start]:02x} at byte {at}, line "
+                    f"{path} is not {encoding} text (byte 0x{e.object[e.start]:02x} at byte {at}, line "
                     f"{line}); if it is in another encoding, set data.encoding (e.g. data.encoding=latin-1, "
                     f"as many Project Gutenberg books are), or convert it: iconv -f latin1 -t utf-8 "
                     f"{path} > {path.stem}.utf8{path.suffix}"

@@ -341,7 +341,8 @@ def member_dirs(source: str | Path | Sequence[str | Path]) -> list[Path]:
 def _warn_unfinished(run: Path, finished: list[Path]) -> None:
     """Say so when the run's manifest lists members that are not finished (still training,
     failed or interrupted): the ensemble is then made of the finished ones only."""
-    listed = read_manifest(RunPaths(run)).get("members", [])
+    paths = RunPaths(run)
+    listed = read_manifest(paths).get("members", [])
     missing = [m["name"] for m in listed if not is_complete_member(run / m["path"])]
     if missing:
         logger.warning(
@@ -352,7 +353,7 @@ def _warn_unfinished(run: Path, finished: list[Path]) -> None:
             len(listed),
             ", ".join(p.name for p in finished),
             ", ".join(missing),
-            RunPaths(run).config,
+            paths.config,
         )
 
 

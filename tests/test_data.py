@@ -199,3 +199,15 @@ def test_csv_and_parquet_files(tmp_path, byte_tok, datasets_cache):
     for name in ("t.csv", "t.parquet"):
         cfg = DataConfig(test_files=[str(tmp_path / name)], cache_dir=str(datasets_cache))
         assert prepare_data(cfg, byte_tok, 8, ("test",)).streams["test"].tolist() == expected, name
+
+
+def test_a_bad_byte_is_located_across_read_blocks(tmp_path):
+    """The first bad byte's offset and line are those in the file, also when the sequence it
+    breaks began in the previous block read."""
+    from ensemble.data import check_text_file
+
+    path = tmp_path / "cut.txt"
+    path.write_bytes(b"ab\ncd\n\xe2\x82x more\n")  # a 3-byte sequence broken by its third byte
+    for chunk in (1, 2, 3, 7, 8, 1 << 20):
+        with pytest.raises(EnsembleError, match=r"not utf-8 text \(byte 0xe2 at byte 6, line 3\)"):
+            check_text_file(path, "utf-8", chunk=chunk)
