@@ -83,6 +83,20 @@ def tiny_overrides(out: Path, cache: Path, **extra: object) -> list[str]:
 PYTHON = sys.executable
 
 
+def eval_blocks(tokens: int, block_size: int) -> int:
+    """The blocks an evaluation cuts a split of ``tokens`` into: the last may be short, but a last
+    block of one token (nothing in it is predicted) is not a block."""
+    full, rest = divmod(tokens, block_size)
+    return full + (rest > 1)
+
+
+def scored_tokens(data: dict) -> int:
+    """The tokens an evaluation scores, from results.json's "data": every block predicts all but
+    its first token (a dropped one-token tail, none)."""
+    assert data["blocks"] == eval_blocks(data["tokens"], data["block_size"])
+    return data["tokens"] - data["blocks"] - (data["tokens"] % data["block_size"] == 1)
+
+
 def weights(run: Path, member: int) -> dict:
     from safetensors.torch import load_file
 

@@ -22,7 +22,7 @@ from ensemble.config import DataConfig, EvalConfig, ExperimentConfig, ModelConfi
 from ensemble.members import MemberSpec, build_model, fit_model_config, load_model_config, save_member
 from ensemble.tokenization import load_tokenizer
 
-from .conftest import PYTHON, REPO
+from .conftest import PYTHON, REPO, eval_blocks
 
 pytestmark = pytest.mark.slow
 IGNORED = {"created", "processes", "mode", "path", "tokens_out"}
@@ -133,7 +133,7 @@ def reference(setup, tmp_path_factory):
 
 def test_reference_is_meaningful(reference):
     r = reference["three"]
-    assert r["data"]["blocks"] == math.ceil(r["data"]["tokens"] / 32) > 512  # more than 1 big batch
+    assert r["data"]["blocks"] == eval_blocks(r["data"]["tokens"], 32) > 512  # more than 1 big batch
     assert all(m["temperature"] != 1.0 for m in r["members"])
     assert len(r["combiners"]["weighted"]["weights"]) == 3
 

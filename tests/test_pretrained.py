@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from ensemble.cli import train_main
 
-from .conftest import tiny_overrides
+from .conftest import scored_tokens, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_fine_tunes_a_local_pretrained_model(tmp_path, datasets_cache, pretraine
     assert model.config.vocab_size == len(tok) == 50257
     assert tok("Hello world")["input_ids"] == [15496, 995]
     results = json.loads((out / "results.json").read_text())
-    assert results["ensemble"]["tokens"] == results["data"]["tokens"] - results["data"]["blocks"]
+    assert results["ensemble"]["tokens"] == scored_tokens(results["data"])
 
 
 def test_block_size_beyond_the_pretrained_context(tmp_path, capsys, datasets_cache, pretrained_dir, sherlock):

@@ -678,8 +678,11 @@ def test_output_dir_and_member_selection_are_checked_before_any_work(tmp_path):
     with pytest.raises(EnsembleError, match=r"^--member 3, 5: the config has 3 members \(indices 0 to 2"):
         select_members(specs, [5, 3, 1])
     paths = RunPaths(tmp_path / "run")
-    check_output_dir(paths, overwrite=False)  # a new directory: made, found writable
-    assert paths.root.is_dir() and not any(paths.root.iterdir())  # the write probe is gone
+    check_output_dir(paths, overwrite=False)  # a new directory: found writable, not created
+    assert not paths.root.exists() and not any(tmp_path.iterdir())  # the parent's probe is gone
+    paths.root.mkdir()
+    check_output_dir(paths, overwrite=False)  # an empty one: its own probe is gone too
+    assert not any(paths.root.iterdir())
     paths.manifest.write_text("{}")
     with pytest.raises(EnsembleError, match=r"already holds a run \(manifest.json\); pass --resume auto"):
         check_output_dir(paths, overwrite=False)
