@@ -238,6 +238,12 @@ def main() -> None:
     )
     p.add_argument("--steps", type=int, help="measured steps of the minimal loops, and our steps per member")
     p.add_argument("--members", type=int, default=3)
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        help="tokens of the evaluation section (default: the size's; the naive "
+        "baseline holds every logit, so it scores at most half of them)",
+    )
     p.add_argument("--text", default=str(SHARED / "tinyshakespeare.txt"))
     p.add_argument("--tokenizer", default=str(SHARED / "gpt2-tokenizer"))
     p.add_argument("--json", help="also write the figures to this file")
@@ -250,6 +256,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size_name = args.size if args.size != "auto" else ("full" if device.type == "cuda" else "small")
     size = dict(SIZES[size_name])
+    if args.eval_tokens:
+        size["eval_tokens"] = args.eval_tokens
+        size["naive_tokens"] = min(size["naive_tokens"], args.eval_tokens // 2)
     steps = args.steps or size["steps"]
     name = (
         torch.cuda.get_device_name(device)

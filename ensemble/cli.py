@@ -72,12 +72,15 @@ def _line_start() -> str:
     return "\n" if _where() else ""
 
 
-def guarded(main: Callable[[Sequence[str] | None], object]) -> Callable[[Sequence[str] | None], int]:
-    """Wrap an entry point: user errors become one line on stderr and exit status 2."""
+def guarded(
+    main: Callable[[Sequence[str] | None], int | None],
+) -> Callable[[Sequence[str] | None], int]:
+    """Wrap an entry point: user errors become one line on stderr and exit status 2. A main
+    returns None when done, or a status of its own (that of the ranks it launched)."""
 
     def run(argv: Sequence[str] | None = None) -> int:
         try:
-            main(argv)
+            status = main(argv)
         except EnsembleError as e:
             print(f"{_line_start()}error: {_where()}{e}", file=sys.stderr, flush=True)
             return USER_ERROR
@@ -103,9 +106,45 @@ def guarded(main: Callable[[Sequence[str] | None], object]) -> Callable[[Sequenc
             if _where():
                 print(f"{_line_start()}error: {_where()}{type(e).__name__}: {e}", file=sys.stderr, flush=True)
             raise
-        return 0
+        return 0 if status is None else status
 
     return run
+
+
+def add_processes_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="start N processes of this command on this machine (like torchrun --nproc_per_node N) "
+        "and exit with their own status; other launchers (torchrun, accelerate launch) work too",
+    )
+
+
+def relaunched(processes: int, argv: Sequence[str] | None, entry: Callable[[], object]) -> int | None:
+    """With ``--processes N`` outside any launcher: run this command as N ranks (see
+    :mod:`launcher`) and return their status; None where this process is to do the work."""
+    from .distributed import launch_info
+
+    info = launch_info()
+    if processes < 1:
+        raise EnsembleError(f"--processes {processes}: give 1 or more")
+    if info.distributed:
+        if processes not in (1, info.world_size):
+            raise EnsembleError(
+                f"--processes {processes} under a launcher that started {info.world_size} processes; "
+                "drop --processes (the launcher decides) or run without the launcher"
+            )
+        return None
+    if processes == 1:
+        return None
+    from .launcher import launch
+
+    given = list(sys.argv[1:] if argv is None else argv)
+    return launch(
+        ["-c", f"from {entry.__module__} import {entry.__name__}; {entry.__name__}()", *given], processes
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,6 +189,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--get", metavar="SECTION.KEY", help="print one resolved config value (e.g. output.dir) and exit"
     )
+    add_processes_option(p)
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p
 
@@ -169,9 +209,12 @@ def config_value(cfg: ExperimentConfig, key: str) -> str:
 
 
 @guarded
-def train_main(argv: Sequence[str] | None = None) -> None:
+def train_main(argv: Sequence[str] | None = None) -> int | None:
     args = train_parser().parse_intermixed_args(argv)  # flags may follow the overrides
     cfg = load_config(args.config, args.overrides)
+    if not (args.print_config or args.get or args.list_members):
+        if (status := relaunched(args.processes, argv, train_entry)) is not None:
+            return status
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return
@@ -262,6 +305,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
         help="save the uniform average of the members' weights in Hugging Face format (members "
         "fine-tuned from one pretrained model only)",
     )
+    add_processes_option(p)
     return p
 
 
@@ -371,10 +415,12 @@ def _student(args: argparse.Namespace) -> Path | None:
 
 
 @guarded
-def evaluate_main(argv: Sequence[str] | None = None) -> None:
-    """Evaluate in one process, or sharded over the processes of a launcher (torchrun,
-    `accelerate launch`)."""
+def evaluate_main(argv: Sequence[str] | None = None) -> int | None:
+    """Evaluate in one process, or sharded over the processes of a launcher (--processes,
+    torchrun, `accelerate launch`)."""
     args = evaluate_args(argv)
+    if (status := relaunched(args.processes, argv, evaluate_entry)) is not None:
+        return status
     setup_logging()
     member_paths, cfg, run_cfg, split, out = resolve_evaluation(args)
     from .distributed import Worlds, launch_info, local_device
@@ -434,6 +480,7 @@ def distill_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace the run's student and its checkpoints")
     p.add_argument("--no-eval", action="store_true", help="do not evaluate the student with the members")
+    add_processes_option(p)
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p
 
@@ -443,7 +490,7 @@ DISTILL_SECTIONS = ("distill", "train", "eval", "checkpoint", "tracking")
 
 
 @guarded
-def distill_main(argv: Sequence[str] | None = None) -> None:
+def distill_main(argv: Sequence[str] | None = None) -> int | None:
     args = distill_parser().parse_intermixed_args(argv)
     for item in args.overrides:
         if not item.split("=", 1)[0].startswith(tuple(f"{s}." for s in DISTILL_SECTIONS)):
@@ -451,6 +498,8 @@ def distill_main(argv: Sequence[str] | None = None) -> None:
                 f"override {item!r}: distillation takes {', '.join(f'{s}.*' for s in DISTILL_SECTIONS)} "
                 "overrides (the members' model and data are the run's)"
             )
+    if (status := relaunched(args.processes, argv, distill_entry)) is not None:
+        return status
     setup_logging()
     from .distill import distill_run
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_benchmark_reports_every_figure_and_ratio(tmp_path, shared_data: Path):
     out = tmp_path / "figures.json"
-    cmd = [PYTHON, "benchmarks/gpu.py", "--size", "small", "--steps", "2", "--members", "2", "--json", str(out),
+    cmd = [PYTHON, "benchmarks/gpu.py", "--size", "small", "--steps", "2", "--members", "2", "--eval-tokens", "2048", "--json", str(out),
            "--text", str(shared_data / "tinyshakespeare.txt"), "--tokenizer", str(shared_data / "gpt2-tokenizer")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
