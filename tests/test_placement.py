@@ -305,11 +305,13 @@ def test_sequential_two_ranks(tmp_path, datasets_cache, solo):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("placement", ["sequential", "parallel"])
+@pytest.mark.parametrize(
+    "placement, stage", [("sequential", 2), ("sequential", 3), ("parallel", 2)], ids=lambda v: str(v)
+)
 def test_deepspeed_zero_on_two_ranks(tmp_path, datasets_cache, solo, stage, placement):
     """sequential: ZeRO shards each member over both ranks; parallel: 3 members in rounds, so
-    one process trains two DeepSpeed members one after the other."""
+    one process trains two DeepSpeed members one after the other (ZeRO-3 with a rank per member:
+    test_accelerate_launch_with_the_shipped_zero3_config)."""
     out = tmp_path / "run"
     seeds = "[11, 12]" if placement == "sequential" else str(SEEDS)
     proc, _ = _torchrun(

@@ -3,6 +3,7 @@ interpreter, from a directory whose `runs/tiny` is a small trained and evaluated
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -64,13 +65,16 @@ def test_every_snippet_runs_verbatim(page: Path, workdir: Path, datasets_cache: 
 
 
 QUICK_START_GENERATE = re.compile(r"^python launch/generate\.py runs/tiny (.+)$", re.MULTILINE)
-MARKED_TOKEN = re.compile(r"\[(.+?)\|\d+\.\d+\]")
+MARKED_TOKEN = re.compile(r"\[(.*?)\|\d+\.\d+\]")
 
 
 def _nudge_weights(run: Path, relative: float) -> None:
     """Every member weight moved by a relative ``relative``: the size of the differences another
-    CPU's float kernels make to the same training."""
+    CPU's float kernels make to the same training. The members' checksums follow (these are the
+    weights they were saved with, on that CPU)."""
     from safetensors.torch import load_file, save_file
+
+    from ensemble.members import MEMBER_INFO, weight_digests
 
     gen = torch.Generator().manual_seed(0)
     for path in sorted(run.glob("members/member-*/model.safetensors")):
@@ -78,13 +82,19 @@ def _nudge_weights(run: Path, relative: float) -> None:
         for w in weights.values():
             w.add_(w * relative * torch.randn(w.shape, generator=gen, dtype=w.dtype))
         save_file(weights, path, metadata={"format": "pt"})
+        info_path = path.parent / MEMBER_INFO
+        info = json.loads(info_path.read_text())
+        info["weights_sha256"] = weight_digests(path.parent)
+        info_path.write_text(json.dumps(info))
 
 
 def test_the_quick_start_generation_does_not_hang_on_a_near_tie(workdir: Path, tmp_path: Path):
     """The README's generate command, run verbatim, prints the same tokens from members whose
     weights differ in their last bits (greedy search once printed 50 newlines on one CPU and text
     on another: its top two tokens were 0.083 and 0.082); newline tokens come out escaped."""
-    (args,) = QUICK_START_GENERATE.findall((REPO / "README.md").read_text())
+    readme = (REPO / "README.md").read_text()
+    quick_start = readme[readme.index("## Quick start") :].split("\n## ", 1)[0]
+    (args,) = QUICK_START_GENERATE.findall(quick_start)
     argv = shlex.split(args)
     nudged = tmp_path / "runs" / "tiny"
     shutil.copytree(workdir / "runs" / "tiny", nudged)
@@ -94,7 +104,10 @@ def test_the_quick_start_generation_does_not_hang_on_a_near_tie(workdir: Path, t
         command = [sys.executable, str(REPO / "launch" / "generate.py"), "runs/tiny", *argv]
         proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        printed.append(proc.stdout.splitlines()[0])  # off a terminal: one line of [token|MI]
+        # off a terminal: one line of [token|MI] (a newline token escaped), then the summary
+        text, summary = proc.stdout.splitlines()
+        assert summary.startswith("epistemic uncertainty"), proc.stdout
+        printed.append(text)
     tokens = [MARKED_TOKEN.findall(line) for line in printed]
-    assert len(tokens[0]) == int(argv[argv.index("--max-new-tokens") + 1]) and tokens[0] == tokens[1], printed
-    assert len(set(tokens[0])) > 1  # not one token repeated
+    assert 1 < len(tokens[0]) <= int(argv[argv.index("--max-new-tokens") + 1]), printed
+    assert tokens[0] == tokens[1] and len(set(tokens[0])) > 1, printed  # the same, and not one token repeated
