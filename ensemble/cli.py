@@ -212,9 +212,6 @@ def config_value(cfg: ExperimentConfig, key: str) -> str:
 def train_main(argv: Sequence[str] | None = None) -> int | None:
     args = train_parser().parse_intermixed_args(argv)  # flags may follow the overrides
     cfg = load_config(args.config, args.overrides)
-    if not (args.print_config or args.get or args.list_members):
-        if (status := relaunched(args.processes, argv, train_entry)) is not None:
-            return status
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return
@@ -229,6 +226,8 @@ def train_main(argv: Sequence[str] | None = None) -> int | None:
             # print() writes each field apart, so unbuffered lines of two ranks interleave
             sys.stdout.write(f"{spec.index} {spec.seed} {spec.name}\n")
         return
+    if (status := relaunched(args.processes, argv, train_entry)) is not None:
+        return status
     setup_logging()
     from .run import train_run
 
