@@ -18,6 +18,7 @@ import yaml
 
 from .config import ExperimentConfig, apply_override, config_from_dict, describe, load_config
 from .errors import PREEMPTED_EXIT, ConfigError, EnsembleError, Preempted
+from .launcher import Nodes, launch
 
 USER_ERROR = 2
 
@@ -112,7 +113,8 @@ def guarded(
 
 
 def add_processes_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    g = p.add_argument_group("several processes (instead of torchrun or accelerate launch)")
+    g.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -120,31 +122,68 @@ def add_processes_option(p: argparse.ArgumentParser) -> None:
         help="start N processes of this command on this machine (like torchrun --nproc_per_node N) "
         "and exit with their own status; other launchers (torchrun, accelerate launch) work too",
     )
+    g.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        metavar="K",
+        help="machines in the launch, each running this command with --processes N, its own "
+        "--node-rank and the same --main-address (slurm/launch_node.sh does this); default 1",
+    )
+    g.add_argument("--node-rank", type=int, default=0, metavar="I", help="this machine's index, 0 to K-1")
+    g.add_argument(
+        "--main-address",
+        metavar="HOST:PORT",
+        help="where the other machines reach machine 0 (it holds the rendezvous on PORT); "
+        "needed with --nodes above 1",
+    )
 
 
-def relaunched(processes: int, argv: Sequence[str] | None, entry: Callable[[], object]) -> int | None:
-    """With ``--processes N`` outside any launcher: run this command as N ranks (see
-    :mod:`launcher`) and return their status; None where this process is to do the work."""
+def _nodes(args: argparse.Namespace) -> Nodes:
+    """The machines of a --processes launch, checked."""
+    if args.processes < 1:
+        raise EnsembleError(f"--processes {args.processes}: give 1 or more")
+    if args.nodes < 1 or not 0 <= args.node_rank < args.nodes:
+        raise EnsembleError(
+            f"--nodes {args.nodes} --node-rank {args.node_rank}: give 1 or more nodes and a node rank "
+            "from 0 to nodes-1"
+        )
+    if args.main_address is None:
+        if args.nodes > 1:
+            raise EnsembleError(
+                f"--nodes {args.nodes} needs --main-address HOST:PORT, the address of node 0, the "
+                "same on every node"
+            )
+        return Nodes()
+    host, _, port = args.main_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise EnsembleError(f"--main-address {args.main_address}: give HOST:PORT, e.g. node001:29500")
+    return Nodes(args.nodes, args.node_rank, host, int(port))
+
+
+def relaunched(
+    args: argparse.Namespace, argv: Sequence[str] | None, entry: Callable[[], object]
+) -> int | None:
+    """With ``--processes N`` (and ``--nodes``) outside any launcher: run this command as N ranks
+    (see :mod:`launcher`) and return their status; None where this process is to do the work."""
     from .distributed import launch_info
 
     info = launch_info()
-    if processes < 1:
-        raise EnsembleError(f"--processes {processes}: give 1 or more")
-    if info.distributed:
-        if processes not in (1, info.world_size):
+    nodes = _nodes(args)
+    if info.distributed:  # a rank: of our own launcher (the same arguments), or of another one
+        machines = info.world_size // info.local_world_size
+        if args.processes not in (1, info.local_world_size) or nodes.count not in (1, machines):
             raise EnsembleError(
-                f"--processes {processes} under a launcher that started {info.world_size} processes; "
-                "drop --processes (the launcher decides) or run without the launcher"
+                f"--processes {args.processes} --nodes {nodes.count} under a launcher that started "
+                f"{info.local_world_size} processes on each of {machines} machine(s); drop --processes "
+                "and --nodes (the launcher decides) or run without the launcher"
             )
         return None
-    if processes == 1:
+    if args.processes * nodes.count == 1:
         return None
-    from .launcher import launch
-
     given = list(sys.argv[1:] if argv is None else argv)
-    return launch(
-        ["-c", f"from {entry.__module__} import {entry.__name__}; {entry.__name__}()", *given], processes
-    )
+    command = ["-c", f"from {entry.__module__} import {entry.__name__}; {entry.__name__}()", *given]
+    return launch(command, args.processes, nodes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +265,7 @@ def train_main(argv: Sequence[str] | None = None) -> int | None:
             # print() writes each field apart, so unbuffered lines of two ranks interleave
             sys.stdout.write(f"{spec.index} {spec.seed} {spec.name}\n")
         return
-    if (status := relaunched(args.processes, argv, train_entry)) is not None:
+    if (status := relaunched(args, argv, train_entry)) is not None:
         return status
     setup_logging()
     from .run import train_run
@@ -418,7 +457,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int | None:
     """Evaluate in one process, or sharded over the processes of a launcher (--processes,
     torchrun, `accelerate launch`)."""
     args = evaluate_args(argv)
-    if (status := relaunched(args.processes, argv, evaluate_entry)) is not None:
+    if (status := relaunched(args, argv, evaluate_entry)) is not None:
         return status
     setup_logging()
     member_paths, cfg, run_cfg, split, out = resolve_evaluation(args)
@@ -497,7 +536,7 @@ def distill_main(argv: Sequence[str] | None = None) -> int | None:
                 f"override {item!r}: distillation takes {', '.join(f'{s}.*' for s in DISTILL_SECTIONS)} "
                 "overrides (the members' model and data are the run's)"
             )
-    if (status := relaunched(args.processes, argv, distill_entry)) is not None:
+    if (status := relaunched(args, argv, distill_entry)) is not None:
         return status
     setup_logging()
     from .distill import distill_run

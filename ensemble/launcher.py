@@ -1,5 +1,7 @@
 """`--processes N`: the entry scripts start N ranks of themselves on this machine (what `torchrun
---nproc_per_node N` does) and end with the ranks' own exit status.
+--nproc_per_node N` does) and end with the ranks' own exit status; with `--nodes K --node-rank I
+--main-address HOST:PORT` on every node (what slurm/launch_node.sh passes), the ranks of K
+machines form one world.
 
 Written here because the launchers we build on break the exit contract (a mistake in the input
 is one error line and status 2; a stop after checkpointing is status 75, so that a script knows
@@ -19,6 +21,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from .errors import PREEMPTED_EXIT
@@ -31,33 +35,54 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 # end on their own before they are killed: the failed rank's error is already out.
 FAILURE_GRACE_S = 10.0
 POLL_S = 0.05
+# Machine 0's launcher holds the store until every machine's launcher has finished (their ranks may
+# still be using it), or this long: torchrun's agents wait the same (its exit barrier, 300 s).
+EXIT_BARRIER_S = 300.0
+DONE_KEY = "launcher/machines-done"
 
 
-def host_store() -> Any:
-    """The launch's TCP store, in this process, on a port the system picks. As torchrun's agent
-    does, the launcher holds it rather than rank 0: the ranks use it until each has left (see
-    `distributed.Worlds`), and rank 0 may leave first."""
+@dataclass(frozen=True)
+class Nodes:
+    """Where this machine's ranks sit in a launch over several machines (torchrun's --nnodes,
+    --node_rank, --master_addr and --master_port)."""
+
+    count: int = 1
+    """Machines in the launch, each running this launcher with the same arguments."""
+    rank: int = 0
+    """This machine's index; machine 0 holds the rendezvous store."""
+    main_host: str = "127.0.0.1"
+    """Machine 0's address, as the others reach it."""
+    main_port: int = 0
+    """The store's port on machine 0; 0: one the system picks (one machine only)."""
+
+
+def host_store(nodes: Nodes) -> Any:
+    """The launch's TCP store, in this process (on machine 0; None on the others, whose ranks reach
+    machine 0's). As torchrun's agent does, the launcher holds it rather than rank 0: the ranks use
+    it until each has left (see `distributed.Worlds`), and rank 0 may leave first."""
     import torch.distributed as dist
 
-    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    if nodes.rank:
+        return None
+    return dist.TCPStore(nodes.main_host, nodes.main_port, is_master=True, wait_for_workers=False)
 
 
-def rank_env(rank: int, processes: int, port: int) -> dict[str, str]:
-    """The environment torchrun gives a rank of a one-machine launch (what `env://` and our
-    `distributed.launch_info` read: every rank a client of the launcher's store), and the
-    machine's CPUs shared out, unless OMP_NUM_THREADS is set (torchrun sets 1 and warns;
-    accelerate warns as well)."""
+def rank_env(local_rank: int, processes: int, nodes: Nodes, port: int) -> dict[str, str]:
+    """The environment torchrun gives a rank (what `env://` and our `distributed.launch_info`
+    read: every rank a client of the launcher's store), and the machine's CPUs shared out, unless
+    OMP_NUM_THREADS is set (torchrun sets 1 and warns; accelerate warns as well)."""
     threads = max(1, len(os.sched_getaffinity(0)) // processes)
     return {
         "OMP_NUM_THREADS": str(threads),
         **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_ADDR": nodes.main_host,
         "MASTER_PORT": str(port),
         "TORCHELASTIC_USE_AGENT_STORE": "True",
-        "WORLD_SIZE": str(processes),
+        "WORLD_SIZE": str(processes * nodes.count),
         "LOCAL_WORLD_SIZE": str(processes),
-        "RANK": str(rank),
-        "LOCAL_RANK": str(rank),
+        "GROUP_RANK": str(nodes.rank),
+        "RANK": str(nodes.rank * processes + local_rank),
+        "LOCAL_RANK": str(local_rank),
     }
 
 
@@ -66,12 +91,14 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def launch(command: Sequence[str], processes: int) -> int:
-    """Run ``python COMMAND...`` as ``processes`` ranks of one world; return 0 when every rank
-    succeeded, else the status of the rank that failed first (a stop to be resumed: 75)."""
-    store = host_store()
+def launch(command: Sequence[str], processes: int, nodes: Nodes = Nodes()) -> int:
+    """Run ``python COMMAND...`` as ``processes`` ranks of one world (on this machine, of
+    ``nodes``); return 0 when every rank here succeeded, else the status of the rank that failed
+    first (a stop to be resumed: 75)."""
+    store = host_store(nodes)
+    port = nodes.main_port if store is None else store.port
     ranks = [
-        subprocess.Popen([sys.executable, *command], env=rank_env(r, processes, store.port))
+        subprocess.Popen([sys.executable, *command], env=rank_env(r, processes, nodes, port))
         for r in range(processes)
     ]
 
@@ -82,7 +109,9 @@ def launch(command: Sequence[str], processes: int) -> int:
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     try:
-        return _wait(ranks)
+        status = _wait(ranks, first_rank=nodes.rank * processes)
+        _exit_barrier(store, nodes)
+        return status
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -92,7 +121,8 @@ def launch(command: Sequence[str], processes: int) -> int:
                 p.wait()
 
 
-def _wait(ranks: list[subprocess.Popen]) -> int:
+def _wait(ranks: list[subprocess.Popen], first_rank: int) -> int:
+    """``ranks`` are this machine's, the first of them rank ``first_rank`` of the world."""
     failed, first, kill_at = 0, -1, None
     while True:
         codes = [p.poll() for p in ranks]
@@ -100,7 +130,7 @@ def _wait(ranks: list[subprocess.Popen]) -> int:
             if not code:
                 continue
             if not failed:
-                failed, first = exit_status(code), rank
+                failed, first = exit_status(code), first_rank + rank
             # ranks that stop to be resumed are checkpointing: wait for all of them; any other
             # failure leaves the rest of the world stuck sooner or later
             if exit_status(code) != PREEMPTED_EXIT and kill_at is None:
@@ -108,7 +138,7 @@ def _wait(ranks: list[subprocess.Popen]) -> int:
         if all(code is not None for code in codes):
             return failed
         if kill_at is not None and time.monotonic() > kill_at:
-            alive = [r for r, code in enumerate(codes) if code is None]
+            alive = [first_rank + r for r, code in enumerate(codes) if code is None]
             print(
                 f"launcher: rank {first} failed (status {failed}); stopping rank(s) "
                 f"{', '.join(map(str, alive))}, still running {FAILURE_GRACE_S:.0f} s later",
@@ -116,6 +146,27 @@ def _wait(ranks: list[subprocess.Popen]) -> int:
                 flush=True,
             )
             for r in alive:
-                ranks[r].kill()
+                ranks[r - first_rank].kill()
             kill_at = float("inf")  # killed once; now only wait
+        time.sleep(POLL_S)
+
+
+def _exit_barrier(store: Any, nodes: Nodes) -> None:
+    """Machine 0 (``store``) waits for every machine's launcher to be done; the others say so."""
+    if nodes.count == 1:
+        return
+    if store is None:
+        import torch.distributed as dist
+
+        try:
+            client = dist.TCPStore(
+                nodes.main_host, nodes.main_port, is_master=False, timeout=timedelta(seconds=30)
+            )
+            client.add(DONE_KEY, 1)
+        except RuntimeError:  # torch's DistError among them
+            pass  # machine 0 is gone already: nothing to wait for
+        return
+    store.add(DONE_KEY, 1)
+    deadline = time.monotonic() + EXIT_BARRIER_S
+    while store.add(DONE_KEY, 0) < nodes.count and time.monotonic() < deadline:
         time.sleep(POLL_S)

@@ -5,7 +5,8 @@
 #   ENSEMBLE_REPO           the repository (default: the directory sbatch was called from)
 #   ENSEMBLE_PYTHON         the Python with the project installed (default: python3 on PATH)
 #   ENSEMBLE_PROCS_PER_NODE processes per node (default: the node's allocated GPUs; 1 without GPUs)
-#   ENSEMBLE_ACCELERATE_CONFIG  an `accelerate launch` config file, e.g. for DeepSpeed (default: none)
+#   ENSEMBLE_ACCELERATE_CONFIG  run under `accelerate launch` with this config file (default: none:
+#                           the scripts' own --processes; DeepSpeed also comes from parallel.deepspeed)
 #   ENSEMBLE_MAIN_PORT      rendezvous port on the first node (default: 20000 + job id % 20000)
 #   ENSEMBLE_REQUEUE        1: requeue the job after the warning signal; 0: just stop (default: 1)
 
@@ -48,11 +49,11 @@ main_address() {
     echo "${hosts[0]}"
 }
 
-# Runs SCRIPT ARGS... (launch/train.py or launch/evaluate.py) under `accelerate launch` on every
-# node of the allocation, one launcher per node (slurm/launch_node.sh), and waits for it. Sets
-# STEP_STATUS to the step's exit status and STOP_SIGNALLED=1 when the job got the warning
-# signal meanwhile. The signal is passed on to the step: srun delivers it to every process of
-# the step; the launchers ignore it (launch_node.sh) and the Python workers checkpoint and exit.
+# Runs SCRIPT ARGS... (launch/train.py, evaluate.py or distill.py) on every node of the
+# allocation, one launcher per node (slurm/launch_node.sh: the script's own --processes), and
+# waits for it. Sets STEP_STATUS to the step's exit status (srun's: the highest of the nodes') and
+# STOP_SIGNALLED=1 when the job got the warning signal meanwhile. The signal is passed on to the
+# step: srun delivers it to every process of the step, and the Python workers checkpoint and exit.
 run_step() {
     local nodes="${SLURM_JOB_NUM_NODES:-1}"
     local -a step=(srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=0)
@@ -103,8 +104,8 @@ finish_training() {
         exit 0
     fi
     if [[ $STOP_SIGNALLED -eq 1 || $STEP_STATUS -eq $ENSEMBLE_PREEMPTED_EXIT ]]; then
-        # With several processes the launcher exits 1 even when every worker exited 75, so the
-        # signal we saw, not the status, says that this was a stop.
+        # The signal we saw counts as well as the status: under accelerate launch
+        # (ENSEMBLE_ACCELERATE_CONFIG) the step exits 1 even when every worker exited 75.
         if [[ $ENSEMBLE_REQUEUE == 1 ]]; then
             # (an array task has its own SLURM_JOB_ID: this requeues only this task)
             log "stopped after checkpointing (status $STEP_STATUS): requeueing job $SLURM_JOB_ID; it resumes from its checkpoints"

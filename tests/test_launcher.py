@@ -44,6 +44,55 @@ def test_every_rank_gets_a_torchrun_environment(tmp_path):
     assert len({s[5] for s in seen}) == 1 and int(seen[0][5]) > 0  # one rendezvous port
 
 
+def test_two_machines_form_one_world_with_the_store_on_machine_0(tmp_path):
+    """`--nodes 2`: two launchers (here both on this machine), ranks numbered across them, every
+    rank pointed at machine 0's store; machine 1 holds none of its own, and machine 0 keeps its
+    store for machine 1's ranks that still use it after its own ranks ended."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    body = f"""
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_PORT")
+    open(os.path.join({str(tmp_path)!r}, str(rank)), "w").write(" ".join(os.environ[k] for k in keys))
+    if rank >= 2:  # machine 1's ranks use the store after machine 0's ranks are gone
+        time.sleep(1)
+        import datetime, torch.distributed as dist
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=20))
+        store.set(f"late-{{rank}}", "1")
+    """
+    node1 = subprocess.Popen(
+        [
+            PYTHON,
+            "-c",
+            "import sys\nfrom ensemble.launcher import Nodes, launch\n"
+            f"sys.exit(launch({_rank_program(body)!r}, 2, Nodes(2, 1, '127.0.0.1', {port})))",
+        ],
+        cwd=REPO,
+    )
+    assert launcher.launch(_rank_program(body), 2, launcher.Nodes(2, 0, "127.0.0.1", port)) == 0
+    assert node1.wait(timeout=60) == 0
+    seen = [(tmp_path / str(r)).read_text().split() for r in range(4)]
+    assert seen == [[str(r), str(r % 2), "4", "2", str(r // 2), str(port)] for r in range(4)]
+
+
+def test_ranks_start_with_the_signals_the_launcher_was_given_to_ignore(tmp_path):
+    """launch_node.sh starts the launcher with USR1 ignored: the ranks inherit that until they set
+    their own handler (a warning signal during their start-up is no stop), while the launcher
+    itself passes USR1 on."""
+    body = f"""
+    open(os.path.join({str(tmp_path)!r}, str(rank)), "w").write(str(signal.getsignal(signal.SIGUSR1)))
+    """
+    script = (
+        "import signal, sys\nfrom ensemble.launcher import launch\nsignal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
+        f"sys.exit(launch({_rank_program(body)!r}, 2))"
+    )
+    assert subprocess.run([PYTHON, "-c", script], cwd=REPO, timeout=60).returncode == 0
+    assert [(tmp_path / str(r)).read_text() for r in range(2)] == [str(signal.SIG_IGN)] * 2
+
+
 def test_the_first_failure_decides_and_a_stuck_rank_is_stopped(monkeypatch, capfd):
     monkeypatch.setattr(launcher, "FAILURE_GRACE_S", 0.3)
     body = "sys.exit(3) if rank == 1 else time.sleep(60)"  # rank 0 waits for a peer that is gone
@@ -89,10 +138,24 @@ def test_a_signal_to_the_launcher_reaches_every_rank(tmp_path, sig):
     assert [(tmp_path / f"got-{r}").read_text() for r in range(2)] == [str(int(sig))] * 2
 
 
-@pytest.mark.parametrize("processes, message", [(0, "--processes 0: give 1 or more")])
-def test_a_bad_process_count_is_one_line(tmp_path, processes, message):
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ("--processes 0", "--processes 0: give 1 or more"),
+        (
+            "--nodes 2 --node-rank 2",
+            "--nodes 2 --node-rank 2: give 1 or more nodes and a node rank from 0 to nodes-1",
+        ),
+        (
+            "--nodes 2",
+            "--nodes 2 needs --main-address HOST:PORT, the address of node 0, the same on every node",
+        ),
+        ("--nodes 2 --main-address node001", "--main-address node001: give HOST:PORT, e.g. node001:29500"),
+    ],
+)
+def test_a_bad_process_count_is_one_line(tmp_path, options, message):
     proc = subprocess.run(
-        [PYTHON, "launch/train.py", "--config", "configs/tiny.yaml", "--processes", str(processes)],
+        [PYTHON, "launch/train.py", "--config", "configs/tiny.yaml", *options.split()],
         cwd=REPO,
         capture_output=True,
         text=True,

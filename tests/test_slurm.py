@@ -236,9 +236,9 @@ def test_array_trains_one_member_per_task_then_evaluates(slurm, array_run, tmp_p
     assert distill["StartTime"] >= max(t["EndTime"] for t in tasks.values())
     assert evaluation["Dependency"] in ("(null)", "") and evaluation["StartTime"] >= distill["EndTime"]
     # ISO timestamps: string order is time order
-    assert "--num_processes 2 " in r["distill_log"] and "--resume auto --no-eval" in r["distill_log"]
+    assert "--processes 2 " in r["distill_log"] and "--resume auto --no-eval" in r["distill_log"]
     for i in (0, 1):
-        assert f"--member {i} " in r["logs"][i] and "--num_processes 1 " in r["logs"][i]
+        assert f"--member {i} " in r["logs"][i] and "--processes 1 " in r["logs"][i]
         assert f"member-{i} done;" in r["logs"][i]
         assert f"member-{1 - i} saved" not in r["logs"][i]  # each task trains its own member only
 
@@ -251,7 +251,7 @@ def test_array_trains_one_member_per_task_then_evaluates(slurm, array_run, tmp_p
     assert json.loads((r["run"] / "manifest.json").read_text())["members"][1]["status"] == "complete"
 
     # The evaluation job (2 processes sharing the test batches) = one process evaluating.
-    assert "--num_processes 2 " in r["eval_log"]
+    assert "--processes 2 " in r["eval_log"]
     single = tmp_path / "single"
     proc = subprocess.run(
         [PYTHON, "launch/evaluate.py", "--members", *(str(r["run"] / "members" / f"member-{i}") for i in (0, 1)),
@@ -350,8 +350,9 @@ def test_multinode_job_checkpoints_on_the_warning_signal_requeues_and_resumes(sl
     assert job["Restarts"] == "1", log[-4000:]
     for node in (0, 1):  # each node launched with its own rank, both pointing at the first node
         assert re.search(
-            rf"\[node {node} of 2, .*--num_machines 2 --machine_rank {node} --num_processes 2 ", log
+            rf"\[node {node} of 2, .*--processes 1 --nodes 2 --node-rank {node} --main-address ", log
         )
+    assert "stopped after checkpointing (status 75)" in log  # the ranks' own status, through srun
     for rank in (0, 1):
         assert f"preempted: [rank {rank}/2] stopped by SIGUSR1: member-{rank} checkpointed at step" in log
     assert "requeueing job" in log and "attempt 2 on 2 node(s)" in log
@@ -361,3 +362,23 @@ def test_multinode_job_checkpoints_on_the_warning_signal_requeues_and_resumes(sl
         assert info["training"]["ranks"] == [i]  # placement parallel: a rank (a node) each
     assert_same_members(reference, run, (0, 1))
     assert (run / "results.json").is_file()
+
+
+def test_a_mistake_in_a_multinode_job_is_its_one_line_and_status_2(slurm, tmp_path):
+    """A mistake found by the ranks (an output.dir that cannot be written: it is under a file)
+    under sbatch reads as under a plain process: each rank's one error line in the job's log (no
+    launcher traceback), the step's and the job's exit status 2, and the evaluation cancelled."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    config = tiny_config(tmp_path / "c.yaml", blocker / "run", tmp_path / "cache")
+    train, evaluation = submit(slurm, "--mode", "multinode", "--nodes", "2", "--config", str(config))
+    slurm.wait([train, evaluation], timeout=300)
+    log = job_log(f"ensemble-train-{train}.out")
+    (job,) = slurm.job(train)
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0"), own_lines(log)
+    errors = sorted(line for line in log.splitlines() if line.startswith("error: "))
+    assert [e.split("]")[0] for e in errors] == ["error: [rank 0/2", "error: [rank 1/2"], log[-3000:]
+    assert all("is not writable" in e for e in errors), errors
+    assert "Traceback" not in log and "training failed (status 2)" in log, log[-3000:]
+    assert states(slurm, evaluation) == ["CANCELLED"]
+    assert blocker.read_text() == "kept"
