@@ -166,8 +166,8 @@ def check_text_file(path: Path, encoding: str, chunk: int = 1 << 20) -> None:
                 raise EnsembleError(
                     f"{path} is not {encoding} text (byte 0x{e.object[e.start]:02x} at byte {at}, line "
                     f"{line}); if it is in another encoding, set data.encoding (e.g. data.encoding=latin-1, "
-                    f"as many Project Gutenberg books are), or convert it: iconv -f latin1 -t utf-8 "
-                    f"{path} > {path.stem}.utf8{path.suffix}"
+                    f"as many Project Gutenberg books are), or convert it to {encoding}: iconv -f latin1 "
+                    f"-t {encoding} {path} > {path.stem}.{encoding}{path.suffix}"
                 ) from None
             offset += len(block)
             line += block.count(b"\n")

@@ -106,6 +106,13 @@ def test_text_that_is_not_utf8_is_one_line_for_train_and_evaluate(tmp_path, caps
     results = (out / "results.json").read_bytes()
     code, last = evaluate("--data", str(latin1), "data.encoding=utf-8")
     assert code == 2 and last.startswith(f"error: {latin1} is not utf-8 text (byte 0xe9"), last
+    assert last.endswith(f"convert it to utf-8: iconv -f latin1 -t utf-8 {latin1} > latin1.utf-8.txt"), last
+    code, last = evaluate(
+        "--data", str(latin1), "data.encoding=ascii"
+    )  # the fix names the encoding asked for
+    assert code == 2 and last.endswith(
+        f"convert it to ascii: iconv -f latin1 -t ascii {latin1} > latin1.ascii.txt"
+    )
     code, last = evaluate("--data", str(binary))
     assert code == 2 and last.startswith(f"error: {binary} holds binary data"), last
     code, last = evaluate("--data", str(tmp_path / "nonexistent.txt"))
