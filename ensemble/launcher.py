@@ -138,15 +138,16 @@ def _wait(ranks: list[subprocess.Popen], first_rank: int) -> int:
         if all(code is not None for code in codes):
             return failed
         if kill_at is not None and time.monotonic() > kill_at:
-            alive = [first_rank + r for r, code in enumerate(codes) if code is None]
+            alive = [r for r, code in enumerate(codes) if code is None]
             print(
                 f"launcher: rank {first} failed (status {failed}); stopping rank(s) "
-                f"{', '.join(map(str, alive))}, still running {FAILURE_GRACE_S:.0f} s later",
+                f"{', '.join(str(first_rank + r) for r in alive)}, still running "
+                f"{FAILURE_GRACE_S:.0f} s later",
                 file=sys.stderr,
                 flush=True,
             )
             for r in alive:
-                ranks[r - first_rank].kill()
+                ranks[r].kill()
             kill_at = float("inf")  # killed once; now only wait
         time.sleep(POLL_S)
 

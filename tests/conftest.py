@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -81,6 +82,13 @@ def tiny_overrides(out: Path, cache: Path, **extra: object) -> list[str]:
 
 
 PYTHON = sys.executable
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (for a rendezvous the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def eval_blocks(tokens: int, block_size: int) -> int:

@@ -112,7 +112,7 @@ def test_text_that_is_not_utf8_is_one_line_for_train_and_evaluate(tmp_path, caps
     )  # the fix names the encoding asked for
     assert code == 2 and last.endswith(
         f"convert it to ascii: iconv -f latin1 -t ascii {latin1} > latin1.ascii.txt"
-    )
+    ), last
     code, last = evaluate("--data", str(binary))
     assert code == 2 and last.startswith(f"error: {binary} holds binary data"), last
     code, last = evaluate("--data", str(tmp_path / "nonexistent.txt"))

@@ -15,7 +15,7 @@ import pytest
 from ensemble import launcher
 from ensemble.errors import PREEMPTED_EXIT
 
-from .conftest import PYTHON, REPO
+from .conftest import PYTHON, REPO, free_port
 
 
 def _rank_program(body: str) -> list[str]:
@@ -48,11 +48,7 @@ def test_two_machines_form_one_world_with_the_store_on_machine_0(tmp_path):
     """`--nodes 2`: two launchers (here both on this machine), ranks numbered across them, every
     rank pointed at machine 0's store; machine 1 holds none of its own, and machine 0 keeps its
     store for machine 1's ranks that still use it after its own ranks ended."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     body = f"""
     keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_PORT")
     open(os.path.join({str(tmp_path)!r}, str(rank)), "w").write(" ".join(os.environ[k] for k in keys))

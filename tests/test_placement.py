@@ -22,7 +22,7 @@ from ensemble.errors import EnsembleError
 from ensemble.placement import Layout, estimate_bytes_per_device, parallel_group_size, plan_layout
 from ensemble.zero import check_batch, load_zero
 
-from .conftest import PYTHON, REPO, tiny_overrides
+from .conftest import PYTHON, REPO, free_port, tiny_overrides
 
 NO_DROPOUT = (
     "{n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64, resid_pdrop: 0, embd_pdrop: 0, attn_pdrop: 0}"
@@ -356,11 +356,7 @@ def test_compiled_members_in_a_group_of_two_ranks(tmp_path, datasets_cache, solo
 
 def _two_nodes(out: Path, cache: Path, **extra) -> list[subprocess.CompletedProcess]:
     """Two torchrun agents on this machine acting as two nodes of 2 processes each."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torchrun = Path(PYTHON).with_name("torchrun")
     argv = tiny_overrides(out, cache, model__gpt2_config=NO_DROPOUT, **extra)
     agents = [
