@@ -33,11 +33,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
 
-    from ensemble.cli import setup_logging
-    from ensemble.config import load_config
-    from ensemble.distill import distill_run, run_config
-    from ensemble.members import RunPaths, member_specs
-    from ensemble.run import train_run
+    from ensemble.cli.common import setup_logging
+    from ensemble.config.loading import load_config
+    from ensemble.core.members import member_specs
+    from ensemble.core.paths import RunPaths
+    from ensemble.distill.run import distill_run, run_config
+    from ensemble.train.run import train_run
 
     setup_logging()
     run = RunPaths(Path(args.run))
@@ -53,11 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
         member_cfg = load_config(
             run.config, [*common, "members.seeds=[42]", f"output.dir={tmp}/member", "eval.plots=false"]
         )
-        train_run(member_cfg, evaluate_after=False)
+        train_run(member_cfg)
         distill_run(
             run.root,
             [*common, f"distill.dir={tmp}/student", f"checkpoint.dir={tmp}/checkpoints"],
-            evaluate_after=False,
         )
         member = json.loads((Path(tmp) / "member/members/member-0/member.json").read_text())["training"]
         student = json.loads((Path(tmp) / "student/member.json").read_text())["training"]

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ensemble.data import EvalBlocks
+    from ensemble.core.data import EvalBlocks
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/generation.py's random members
@@ -86,7 +86,7 @@ def naive_ensemble(loaded: list, blocks: EvalBlocks, batch_size: int, device: st
     `Trainer`). Returns the tokens scored."""
     import torch
 
-    from ensemble.data import collate_eval
+    from ensemble.core.data import collate_eval
 
     all_logits, targets = [], torch.empty(0)
     with torch.inference_mode():
@@ -114,10 +114,11 @@ def worker(
 
     import torch
 
-    from ensemble.architecture import context_length
-    from ensemble.config import DataConfig, EvalConfig
-    from ensemble.data import prepare_data
-    from ensemble.evaluation import evaluate_members, load_members
+    from ensemble.config.schema import DataConfig, EvalConfig
+    from ensemble.core.architecture import context_length
+    from ensemble.core.data import prepare_data
+    from ensemble.core.loading import load_members
+    from ensemble.evaluate.evaluator import evaluate_members
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_members([Path(m) for m in members], device)
@@ -135,7 +136,7 @@ def worker(
             scorer = evaluate_members(loaded, blocks, eval_cfg, device, show_progress=False)
             compiled.append(scorer.compiled)
             return scorer.tokens
-        from ensemble.tokens import TokenWriter
+        from ensemble.evaluate.token_export import TokenWriter
 
         with tempfile.TemporaryDirectory() as tmp:
             names = [m.name for m in loaded]
@@ -204,10 +205,12 @@ def _numbers(node: object, path: str = "") -> dict[str, float]:
 
 def compare_devices(members: list[Path], data: Path, devices: list[str], batch_size: int) -> None:
     """results.json's numbers from both devices: the largest relative difference per section."""
-    from ensemble.architecture import context_length
-    from ensemble.config import DataConfig, EvalConfig
-    from ensemble.data import prepare_data
-    from ensemble.evaluation import Sharding, evaluate_members, load_members, results_dict
+    from ensemble.config.schema import DataConfig, EvalConfig
+    from ensemble.core.architecture import context_length
+    from ensemble.core.data import prepare_data
+    from ensemble.core.loading import load_members
+    from ensemble.evaluate.evaluator import evaluate_members, results_dict
+    from ensemble.runtime.sharding import Sharding
 
     results = {}
     for device in devices:

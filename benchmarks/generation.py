@@ -43,8 +43,8 @@ def random_run(root: Path, size: str, members: int, tokenizer_dir: str) -> Path:
     benchmarks/evaluation.py)."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from ensemble.config import ExperimentConfig
-    from ensemble.members import MemberSpec, save_member
+    from ensemble.config.schema import ExperimentConfig
+    from ensemble.core.members import MemberSpec, save_member
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     for i in range(members):
@@ -78,7 +78,7 @@ def _tokens_per_s(
 
 
 def measure(run: Path, prompt_tokens: int, new: int, batches: list[int], repeats: int, dtype: str) -> dict:
-    from ensemble.generation import load_ensemble
+    from ensemble.generate.model import load_ensemble
 
     ensemble, tokenizer = load_ensemble(run, dtype=dtype)
     n = len(ensemble.members)
@@ -120,7 +120,7 @@ def check(run: Path, devices: list[str], steps: int = 8) -> dict:
     of a cached greedy generation against the ensemble recomputed without any cache, and the
     same tokens with the members spread over ``devices`` (one per member, e.g. cuda:0 cpu
     cuda:0) as with all on the first."""
-    from ensemble.generation import load_ensemble
+    from ensemble.generate.model import load_ensemble
 
     together, tokenizer = load_ensemble(run, devices=devices[0], dtype="float32")
     spread, _ = load_ensemble(run, devices=devices, dtype="float32")

@@ -90,7 +90,7 @@ def minimal_loop(
     """Tokens/s of the shortest correct training loop for this model and batch."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from ensemble.compute import tf32
+    from ensemble.runtime.compute import tf32
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=vocab, **model_kwargs)
@@ -172,7 +172,7 @@ def timed(fn, device: torch.device) -> tuple[int, float]:
 
 def bare_forward(member, blocks, batch_size: int, device: torch.device) -> int:
     """One member's bf16 forward and float32 log-softmax of every position, nothing else."""
-    from ensemble.data import collate_eval
+    from ensemble.core.data import collate_eval
 
     total = torch.zeros((), device=device)
     tokens = 0
@@ -191,10 +191,11 @@ def bare_forward(member, blocks, batch_size: int, device: torch.device) -> int:
 def evaluation(run: Path, text: Path, size: dict, device: torch.device) -> dict:
     from evaluation import naive_ensemble
 
-    from ensemble.config import DataConfig, EvalConfig
-    from ensemble.data import EvalBlocks, prepare_data
-    from ensemble.evaluation import evaluate_members, load_members
-    from ensemble.members import find_members
+    from ensemble.config.schema import DataConfig, EvalConfig
+    from ensemble.core.data import EvalBlocks, prepare_data
+    from ensemble.core.loading import load_members
+    from ensemble.core.members import find_members
+    from ensemble.evaluate.evaluator import evaluate_members
 
     members = load_members(find_members(run), device)
     n = len(members)
@@ -251,7 +252,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from ensemble.throughput import flops_per_token, peak_tflops
+    from ensemble.runtime.throughput import flops_per_token, peak_tflops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size_name = args.size if args.size != "auto" else ("full" if device.type == "cuda" else "small")

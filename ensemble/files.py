@@ -51,7 +51,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def read_record(directory: str | Path, name: str, missing: str) -> dict[str, Any]:
     """The JSON file ``name`` whose presence marks ``directory`` as complete (a member, a
     checkpoint); ``missing`` is the error message when it is absent."""
-    from .errors import EnsembleError
+    from ensemble.errors import EnsembleError
 
     path = Path(directory) / name
     if not path.is_file():

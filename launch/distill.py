@@ -5,7 +5,7 @@ accelerate launch --config_file configs/accelerate/cpu.yaml launch/distill.py ru
 torchrun --nproc_per_node 2 launch/distill.py runs/tiny distill.mode=member ...
 """
 
-from ensemble.cli import distill_entry
+from ensemble.cli.distill import distill_entry
 
 if __name__ == "__main__":
     distill_entry()

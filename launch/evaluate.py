@@ -4,7 +4,7 @@ python launch/evaluate.py runs/tiny
 python launch/evaluate.py runs/tiny --data ../shared/data/sherlock_holmes.txt
 """
 
-from ensemble.cli import evaluate_entry
+from ensemble.cli.evaluate import evaluate_entry
 
 if __name__ == "__main__":
     evaluate_entry()

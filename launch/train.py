@@ -5,7 +5,7 @@ python launch/train.py --config configs/tiny.yaml          # one plain process
 python launch/train.py --help                              # every config key
 """
 
-from ensemble.cli import train_entry
+from ensemble.cli.train import train_entry
 
 if __name__ == "__main__":
     train_entry()

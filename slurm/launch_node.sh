@@ -46,7 +46,7 @@ if [[ $gpus -eq 0 ]]; then
 fi
 
 if [[ -z "${ENSEMBLE_ACCELERATE_CONFIG:-}" ]]; then
-    # The entry script's own launcher (--processes, ensemble/launcher.py): the job's log shows a
+    # The entry script's own launcher (--processes, ensemble/runtime/launcher.py): the job's log shows a
     # mistake as its one error line, and the step ends with the ranks' own status (2, 75).
     [[ $gpus -gt 0 ]] || export OMP_NUM_THREADS="$threads"
     cmd=("$ENSEMBLE_PYTHON" "$script"

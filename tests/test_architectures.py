@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from ensemble.architecture import build_config, count_parameters, model_shape
-from ensemble.config import config_from_dict, load_config
+from ensemble.config.loading import config_from_dict, load_config
+from ensemble.core.architecture import build_config, count_parameters, model_shape
 from ensemble.errors import ConfigError
-from ensemble.throughput import flops_per_token
+from ensemble.runtime.throughput import flops_per_token
 
 from .conftest import assert_same_members
 from .test_resume import killed, ok, overrides, small_text, train  # noqa: F401 (small_text: a fixture)
@@ -93,7 +93,7 @@ def test_model_config_is_validated_against_the_architecture():
     with pytest.raises(ConfigError, match="model.name_or_path and model.architecture are both set"):
         load_config(None, [*base, "model.architecture=llama", "model.name_or_path=gpt2"])
     # model.gpt2_config is architecture gpt2 with those fields, for the resume check too
-    from ensemble.checkpointing import trajectory_config
+    from ensemble.runtime.checkpointing import trajectory_config
 
     old = load_config(None, [*base, "model.gpt2_config={n_layer: 1}"])
     new = load_config(None, [*base, "model.architecture=gpt2", "model.config={n_layer: 1}"])
@@ -110,7 +110,7 @@ def test_member_trains_resumes_bitwise_loads_and_evaluates(
 ):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ensemble.data import prepare_data
+    from ensemble.core.data import prepare_data
 
     twin = tmp_path / "twin"
     ok(train(arch_overrides(twin, datasets_cache, small_text, architecture)))

@@ -11,8 +11,8 @@ import logging
 import pytest
 import torch
 
-from ensemble import compute
 from ensemble.errors import EnsembleError
+from ensemble.runtime import compute
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")

@@ -8,13 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ensemble.config import (
-    ExperimentConfig,
-    config_from_dict,
-    describe,
-    field_docs,
-    load_config,
-)
+from ensemble.config.docs import describe, field_docs
+from ensemble.config.loading import config_from_dict, load_config
+from ensemble.config.schema import ExperimentConfig
 from ensemble.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +147,7 @@ def test_every_field_has_a_docstring_and_appears_in_help():
     ],
 )
 def test_evaluate_takes_overrides_before_or_after_the_options(argv: list[str]):
-    from ensemble.cli import evaluate_args
+    from ensemble.cli.evaluate import evaluate_args
 
     args = evaluate_args(argv)
     assert args.run_dir == "runs/tiny"

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble.config import DataConfig, ModelConfig
-from ensemble.data import EvalBlocks, TrainBlocks, collate_eval, prepare_data
+from ensemble.config.schema import DataConfig, ModelConfig
+from ensemble.core.data import EvalBlocks, TrainBlocks, collate_eval, prepare_data
+from ensemble.core.tokenization import load_tokenizer
 from ensemble.errors import EnsembleError
-from ensemble.tokenization import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_csv_and_parquet_files(tmp_path, byte_tok, datasets_cache):
 def test_a_bad_byte_is_located_across_read_blocks(tmp_path):
     """The first bad byte's offset and line are those in the file, also when the sequence it
     breaks began in the previous block read."""
-    from ensemble.data import check_text_file
+    from ensemble.core.data import check_text_file
 
     path = tmp_path / "cut.txt"
     path.write_bytes(b"ab\ncd\n\xe2\x82x more\n")  # a 3-byte sequence broken by its third byte

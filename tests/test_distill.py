@@ -15,15 +15,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ensemble.cli import distill_main, evaluate_main, train_main
-from ensemble.combining import HEADLINE
-from ensemble.config import EvalConfig
-from ensemble.data import EvalBlocks, TrainBlocks, prepare_data
-from ensemble.distill import Teacher, distillation_loss, run_config
-from ensemble.evaluation import Sharding, evaluate_members, load_members
-from ensemble.members import RunPaths
-from ensemble.metrics import SUMS
-from ensemble.soup import make_soup
+from ensemble.cli.distill import distill_main
+from ensemble.cli.evaluate import evaluate_main
+from ensemble.cli.train import train_main
+from ensemble.config.schema import EvalConfig
+from ensemble.core.combining import HEADLINE
+from ensemble.core.data import EvalBlocks, TrainBlocks, prepare_data
+from ensemble.core.loading import load_members
+from ensemble.core.metrics import SUMS
+from ensemble.core.paths import RunPaths
+from ensemble.core.soup import make_soup
+from ensemble.distill.run import Teacher, distill_run, distillation_loss, run_config
+from ensemble.evaluate.evaluator import evaluate_members
+from ensemble.runtime.sharding import Sharding
 
 from .conftest import PYTHON, REPO, tiny_overrides
 
@@ -193,6 +197,20 @@ def test_distil_then_evaluate(distilled):
     assert not any(".tmp-" in p.name for p in distilled.rglob("*"))
 
 
+def test_the_distillation_hands_its_student_to_what_follows(run, tmp_path):
+    """distill_run calls ``then`` once, in its processes, with the teachers, the student and the
+    config it ran with, and returns what ``then`` returned (how launch/distill.py evaluates)."""
+    out = copy_members(run, tmp_path / "run")
+    handed = []
+    result = distill_run(out, list(OPTS), then=lambda trained: handed.append(trained) or {"seen": 1})
+    (trained,) = handed
+    assert result == {"seen": 1}
+    assert trained.members == [out / "members" / "member-0", out / "members" / "member-1"]
+    assert trained.student == RunPaths(out).student and (trained.student / "member.json").is_file()
+    assert trained.cfg.output.dir == str(out) and trained.cfg.distill.alpha == 0.7
+    assert "train" in trained.data.streams and not (out / "results.json").exists()
+
+
 @pytest.mark.slow
 def test_killed_then_resumed_is_bitwise_identical(run, distilled, tmp_path, capsys):
     out = copy_members(run, tmp_path / "run")
@@ -233,8 +251,8 @@ def fine_tuned_member(dest: Path, base: Path, tokenizer, seed: int, noise: float
     """A member directory as training writes one for a model fine-tuned from ``base``."""
     from transformers import AutoModelForCausalLM
 
-    from ensemble.config import load_config
-    from ensemble.members import MemberSpec, save_member
+    from ensemble.config.loading import load_config
+    from ensemble.core.members import MemberSpec, save_member
 
     model = AutoModelForCausalLM.from_pretrained(base)
     if noise:
@@ -252,8 +270,8 @@ def pretrained(tmp_path_factory, datasets_cache):
     """A tiny 'pretrained' GPT-2 with a byte tokenizer, saved in Hugging Face format."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from ensemble.config import ModelConfig
-    from ensemble.tokenization import load_tokenizer
+    from ensemble.config.schema import ModelConfig
+    from ensemble.core.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(tokenizer="byte"))
     path = tmp_path_factory.mktemp("pretrained") / "base"

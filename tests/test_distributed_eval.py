@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ensemble.config import DataConfig, EvalConfig, ExperimentConfig, ModelConfig
-from ensemble.members import MemberSpec, build_model, fit_model_config, load_model_config, save_member
-from ensemble.tokenization import load_tokenizer
+from ensemble.config.schema import DataConfig, EvalConfig, ExperimentConfig, ModelConfig
+from ensemble.core.members import MemberSpec, build_model, fit_model_config, load_model_config, save_member
+from ensemble.core.tokenization import load_tokenizer
 
 from .conftest import PYTHON, REPO, eval_blocks
 

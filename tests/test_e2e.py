@@ -128,9 +128,9 @@ def test_the_ensemble_model_scores_the_test_split_as_results_json_and_generates(
     continues a prompt with it."""
     import torch
 
-    from ensemble.config import config_from_dict
-    from ensemble.data import prepare_data
-    from ensemble.generation import load_ensemble
+    from ensemble.config.loading import config_from_dict
+    from ensemble.core.data import prepare_data
+    from ensemble.generate.model import load_ensemble
 
     results = json.loads((run_dir / "results.json").read_text())
     cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))

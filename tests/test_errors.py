@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ensemble.cli import train_main
+from ensemble.cli.train import train_main
 
 from .conftest import PYTHON, REPO, tiny_overrides
 
@@ -74,7 +74,7 @@ def test_text_that_is_not_utf8_is_one_line_for_train_and_evaluate(tmp_path, caps
     """Training on, or evaluating with, a file that is not UTF-8 says which byte, and how to fix
     it (data.encoding, or iconv); a binary file is named as such; nothing is left behind; with
     data.encoding=latin-1 both commands work."""
-    from ensemble.cli import evaluate_main
+    from ensemble.cli.evaluate import evaluate_main
 
     latin1, binary = _text_files(tmp_path, sherlock)
     offset = latin1.read_bytes().index(b"\xe9")
@@ -195,7 +195,7 @@ def test_failed_member_leaves_no_member_directory(tmp_path, capsys, datasets_cac
 
 
 def test_crash_while_saving_leaves_nothing_that_looks_finished(tmp_path, capsys, datasets_cache, monkeypatch):
-    import ensemble.members as members_mod
+    import ensemble.core.members as members_mod
 
     real = members_mod.atomic_write_json
 
@@ -270,7 +270,7 @@ def test_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, capsys, datasets_c
 
 
 def test_hub_dataset_offline_fails_at_once(tmp_path, capsys, datasets_cache, monkeypatch):
-    from ensemble import hub
+    from ensemble.core import hub
 
     monkeypatch.setenv("HF_ENDPOINT", "http://unreachable.invalid")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -288,7 +288,7 @@ def test_hub_dataset_offline_fails_at_once(tmp_path, capsys, datasets_cache, mon
 
 
 def test_evaluate_errors(tmp_path, capsys):
-    from ensemble.cli import evaluate_main
+    from ensemble.cli.evaluate import evaluate_main
 
     def fails(argv: list[str], message: str) -> None:
         assert evaluate_main(argv) == 2
@@ -353,7 +353,7 @@ def test_evaluating_a_run_with_unfinished_members_says_which_are_used(tmp_path, 
     evaluated with the finished ones, saying so; an ensemble of one member is labelled as such."""
     import shutil
 
-    from ensemble.cli import evaluate_main
+    from ensemble.cli.evaluate import evaluate_main
 
     out = tmp_path / "run"
     assert train_main(tiny_overrides(out, datasets_cache, members__seeds="[1, 2]")) == 0

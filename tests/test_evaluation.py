@@ -16,15 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble.combining import fit_mixture_weights, mixture_nll
-from ensemble.config import EvalConfig, ExperimentConfig, ModelConfig
-from ensemble.data import EvalBlocks
+from ensemble.config.schema import EvalConfig, ExperimentConfig, ModelConfig
+from ensemble.core.combining import fit_mixture_weights, mixture_nll
+from ensemble.core.data import EvalBlocks
+from ensemble.core.loading import load_members
+from ensemble.core.members import MemberSpec, build_model, fit_model_config, load_model_config, save_member
+from ensemble.core.metrics import ECE_BINS, SUMS, poisson_weights, row_result
+from ensemble.core.tokenization import load_tokenizer
 from ensemble.errors import EnsembleError
-from ensemble.evaluation import evaluate_members, load_members, results_dict
-from ensemble.members import MemberSpec, build_model, fit_model_config, load_model_config, save_member
-from ensemble.metrics import ECE_BINS, SUMS, poisson_weights, row_result
-from ensemble.scoring import Scorer
-from ensemble.tokenization import load_tokenizer
+from ensemble.evaluate.evaluator import evaluate_members, results_dict
+from ensemble.evaluate.scoring import Scorer
 
 # --------------------------------------------------------------------------------------------
 # Brute force
@@ -116,7 +117,7 @@ def synthetic():
     return make_synthetic(quantised=True)
 
 
-# The three forms of the chunk scoring (see ensemble/scoring.py): eager CPU code that resolves ties
+# The three forms of the chunk scoring (see ensemble/evaluate/scoring.py): eager CPU code that resolves ties
 # on the few rows that have them, the branch-free eager form GPUs use, and the compiled form.
 MODES = {
     "fixups": {"branch_free": False},
@@ -357,7 +358,7 @@ def test_results_document(byte_members):
     blocks = EvalBlocks(np.arange(200) % 259, 32)
     cfg = EvalConfig(per_device_batch_size=4, combiners=["mean_prob", "geometric"], bootstrap_samples=50)
     scorer = evaluate_members(members, blocks, cfg, "cpu", show_progress=False)
-    from ensemble.evaluation import Sharding
+    from ensemble.runtime.sharding import Sharding
 
     results = results_dict(members, scorer, cfg, "test", blocks, {"source": "x"}, Sharding("data", 0, 1, 3))
     assert [p["k"] for p in results["curve"]] == [1, 2, 3]
@@ -389,10 +390,10 @@ class _MaxProb:
 
 
 def test_a_combiner_registered_in_one_place_is_scored_and_reported(byte_members, tmp_path):
-    from ensemble.combining import COMBINERS, Combiner, register_combiner
+    from ensemble.core.combining import COMBINERS, Combiner, register_combiner
     from ensemble.errors import ConfigError
-    from ensemble.evaluation import Sharding
-    from ensemble.reporting import write_results
+    from ensemble.evaluate.report import write_results
+    from ensemble.runtime.sharding import Sharding
 
     cfg = EvalConfig(per_device_batch_size=4, combiners=["mean_prob", "max_prob"], bootstrap_samples=20)
     with pytest.raises(ConfigError, match="unknown combiner 'max_prob'"):

@@ -15,7 +15,7 @@ from .conftest import PYTHON, REPO
 SCRIPT = textwrap.dedent(
     """
     import atexit, sys
-    from ensemble.distributed import leave
+    from ensemble.runtime.distributed import leave
 
     class Finalized:
         def __del__(self):

@@ -1,4 +1,4 @@
-"""The ensemble as a Hugging Face causal LM (ensemble/generation.py): generation with one KV cache
+"""The ensemble as a Hugging Face causal LM (ensemble/generate/model.py): generation with one KV cache
 per member checked against brute force, scoring against the evaluator, the command line, and
 its errors. Members are small random models (GPT-2 and Llama, sharing the real GPT-2 tokenizer),
 initialised wide enough that their distributions are peaked: greedy choices are then not ties."""
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble.cli import generate_main
+from ensemble.cli.generate import generate_main
+from ensemble.core.uncertainty import Decomposition
 from ensemble.errors import EnsembleError
-from ensemble.generation import EnsembleForCausalLM, load_ensemble
-from ensemble.uncertainty import Decomposition
+from ensemble.generate.model import EnsembleForCausalLM, load_ensemble
 
 CONTEXT = 64
 TEMPERATURES = [0.8, 1.0, 1.3]
@@ -57,8 +57,8 @@ def run(tmp_path_factory, gpt2_tokenizer_dir: Path) -> Path:
     holding fitted temperatures and mixture weights."""
     from transformers import AutoTokenizer
 
-    from ensemble.config import ExperimentConfig
-    from ensemble.members import MemberSpec, save_member
+    from ensemble.config.schema import ExperimentConfig
+    from ensemble.core.members import MemberSpec, save_member
 
     root = tmp_path_factory.mktemp("generation") / "run"
     tokenizer = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
@@ -183,10 +183,11 @@ def test_left_padded_batch_gives_the_tokens_of_one_prompt_at_a_time(run: Path):
 
 @pytest.mark.slow
 def test_forward_nll_equals_the_evaluators_on_test_blocks(run: Path, shakespeare: Path):
-    from ensemble.config import EvalConfig
-    from ensemble.data import EvalBlocks
-    from ensemble.evaluation import evaluate_members, load_members
-    from ensemble.metrics import row_result
+    from ensemble.config.schema import EvalConfig
+    from ensemble.core.data import EvalBlocks
+    from ensemble.core.loading import load_members
+    from ensemble.core.metrics import row_result
+    from ensemble.evaluate.evaluator import evaluate_members
 
     for combiner in ("mean_prob", "mean_logit"):
         model, tokenizer = load_ensemble(run, combiner=combiner, fitted_temperatures=False)
@@ -233,7 +234,7 @@ def test_uncertainty_decomposition_against_numpy():
 
 
 def test_settings_are_checked_and_tokens_marked_by_their_disagreement():
-    from ensemble.decoding import Settings, mark
+    from ensemble.generate.printer import Settings, mark
 
     assert Settings().streamed and not Settings(num_beams=2).streamed
     assert "temperature" not in Settings().generate_kwargs()  # greedy: no sampling knobs
@@ -400,10 +401,11 @@ def test_lm_eval_harness_scores_a_local_task_as_the_evaluator_does(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from ensemble.config import EvalConfig
-    from ensemble.data import EvalBlocks
-    from ensemble.evaluation import evaluate_members, load_members
-    from ensemble.metrics import SUMS
+    from ensemble.config.schema import EvalConfig
+    from ensemble.core.data import EvalBlocks
+    from ensemble.core.loading import load_members
+    from ensemble.core.metrics import SUMS
+    from ensemble.evaluate.evaluator import evaluate_members
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -1,4 +1,4 @@
-"""`--processes N` (ensemble/launcher.py): N ranks of one command on this machine, their own exit
+"""`--processes N` (ensemble/runtime/launcher.py): N ranks of one command on this machine, their own exit
 status (not a launcher's 1 or 143), signals passed on, a failed world not left hanging."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ensemble import launcher
 from ensemble.errors import PREEMPTED_EXIT
+from ensemble.runtime import launcher
 
 from .conftest import PYTHON, REPO, free_port
 
@@ -63,7 +63,7 @@ def test_two_machines_form_one_world_with_the_store_on_machine_0(tmp_path):
         [
             PYTHON,
             "-c",
-            "import sys\nfrom ensemble.launcher import Nodes, launch\n"
+            "import sys\nfrom ensemble.runtime.launcher import Nodes, launch\n"
             f"sys.exit(launch({_rank_program(body)!r}, 2, Nodes(2, 1, '127.0.0.1', {port})))",
         ],
         cwd=REPO,
@@ -82,7 +82,7 @@ def test_ranks_start_with_the_signals_the_launcher_was_given_to_ignore(tmp_path)
     open(os.path.join({str(tmp_path)!r}, str(rank)), "w").write(str(signal.getsignal(signal.SIGUSR1)))
     """
     script = (
-        "import signal, sys\nfrom ensemble.launcher import launch\nsignal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
+        "import signal, sys\nfrom ensemble.runtime.launcher import launch\nsignal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
         f"sys.exit(launch({_rank_program(body)!r}, 2))"
     )
     assert subprocess.run([PYTHON, "-c", script], cwd=REPO, timeout=60).returncode == 0
@@ -120,9 +120,7 @@ def test_a_signal_to_the_launcher_reaches_every_rank(tmp_path, sig):
     time.sleep(60)
     sys.exit(1)
     """
-    script = (
-        f"import sys\nfrom ensemble.launcher import launch\nsys.exit(launch({_rank_program(rank_body)!r}, 2))"
-    )
+    script = f"import sys\nfrom ensemble.runtime.launcher import launch\nsys.exit(launch({_rank_program(rank_body)!r}, 2))"
     # its own session: a signal sent to it alone, as kill or a scheduler sends it, not to a group
     proc = subprocess.Popen([PYTHON, "-c", script], cwd=REPO, start_new_session=True)
     deadline = time.monotonic() + 60

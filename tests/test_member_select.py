@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from ensemble.checkpointing import StopRequest
-from ensemble.cli import train_main
+from ensemble.cli.train import train_main
 from ensemble.errors import Preempted
 from ensemble.files import atomic_directory, create_once, remove_stale_tmp, tmp_name
+from ensemble.runtime.checkpointing import StopRequest
 
 from .conftest import PYTHON, REPO, assert_same_members, tiny_overrides
 
@@ -146,7 +146,7 @@ def test_a_signal_delivered_twice_at_once_is_one_request():
 def test_ctrl_c_asks_for_a_checkpoint_and_ctrl_c_again_stops_at_once():
     """The first Ctrl-C is a stop request like SIGTERM; the launcher's forwarded copy, moments
     later, is the same request; a second press after that stops at once."""
-    from ensemble.checkpointing import CTRL_C_REPEAT_WINDOW_S
+    from ensemble.runtime.checkpointing import CTRL_C_REPEAT_WINDOW_S
 
     before = signal.getsignal(signal.SIGINT)
     with StopRequest() as stop:

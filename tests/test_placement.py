@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ensemble.cli import train_main
-from ensemble.config import ExperimentConfig, ParallelConfig
+from ensemble.cli.train import train_main
+from ensemble.config.schema import ExperimentConfig, ParallelConfig
 from ensemble.errors import EnsembleError
-from ensemble.placement import Layout, estimate_bytes_per_device, parallel_group_size, plan_layout
-from ensemble.zero import check_batch, load_zero
+from ensemble.runtime.placement import Placement, estimate_bytes_per_device, parallel_group_size, plan_layout
+from ensemble.runtime.zero import check_batch, load_zero
 
 from .conftest import PYTHON, REPO, free_port, tiny_overrides
 
@@ -91,15 +91,15 @@ def test_impossible_layouts_name_the_numbers(cfg, world, members, local, message
 
 def test_layout_dataclass_validates_itself():
     with pytest.raises(EnsembleError, match="group size 3 does not divide the 4 processes"):
-        Layout("parallel", 4, 2, 3)
+        Placement("parallel", 4, 2, 3)
     with pytest.raises(EnsembleError, match="sequential placement trains on all 4 processes"):
-        Layout("sequential", 4, 2, 2)
+        Placement("sequential", 4, 2, 2)
 
 
 def test_launch_info_and_process_group_settings_come_from_the_launchers_environment(monkeypatch):
     import datetime as dt
 
-    from ensemble.distributed import accelerator_kwargs, backend, launch_info, state_kwargs
+    from ensemble.runtime.distributed import accelerator_kwargs, backend, launch_info, state_kwargs
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)

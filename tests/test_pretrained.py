@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ensemble.cli import train_main
+from ensemble.cli.train import train_main
 
 from .conftest import scored_tokens, tiny_overrides
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
-from ensemble.provenance import CONSTRAINTS, lock_differences
+from ensemble.core.provenance import CONSTRAINTS, lock_differences
 
 
 def test_the_lock_file_pins_what_the_package_needs():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensemble.cli import train_main
+from ensemble.cli.train import train_main
 
 from .conftest import REPO, tiny_overrides
 
@@ -74,7 +74,8 @@ def _nudge_weights(run: Path, relative: float) -> None:
     weights they were saved with, on that CPU)."""
     from safetensors.torch import load_file, save_file
 
-    from ensemble.members import MEMBER_INFO, weight_digests
+    from ensemble.core.members import weight_digests
+    from ensemble.core.paths import MEMBER_INFO
 
     gen = torch.Generator().manual_seed(0)
     for path in sorted(run.glob("members/member-*/model.safetensors")):

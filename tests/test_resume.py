@@ -1,7 +1,7 @@
 """Checkpoints, resume and preemption: a member killed at any moment and resumed ends bitwise
 identical, on CPU, to the same member trained without interruption.
 
-Kills are real SIGKILLs: the `ENSEMBLE_FAULT` hook (ensemble/faults.py) makes the training process
+Kills are real SIGKILLs: the `ENSEMBLE_FAULT` hook (ensemble/runtime/faults.py) makes the training process
 kill itself at a chosen step, half-way through writing a checkpoint, or half-way through writing a
 finished member, so the tests hit those moments exactly instead of hoping a timer does.
 """
@@ -20,10 +20,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ensemble.checkpointing import MemberCheckpoints, check_resumable, check_training_data, trajectory_config
-from ensemble.cli import train_main
-from ensemble.config import load_config
+from ensemble.cli.train import train_main
+from ensemble.config.loading import load_config
 from ensemble.errors import PREEMPTED_EXIT, EnsembleError
+from ensemble.runtime.checkpointing import (
+    MemberCheckpoints,
+    check_resumable,
+    check_training_data,
+    trajectory_config,
+)
 
 from .conftest import PYTHON, REPO, assert_same_members, tiny_overrides
 
@@ -623,7 +628,7 @@ def _truncated_unrecorded(member: Path) -> None:
 def test_bad_member_is_named_and_previous_results_stay(damage, message, tmp_path, capsys, evaluated_run):
     import shutil
 
-    from ensemble.cli import evaluate_main
+    from ensemble.cli.evaluate import evaluate_main
 
     run = tmp_path / "run"
     shutil.copytree(evaluated_run, run)
@@ -638,7 +643,7 @@ def test_bad_member_is_named_and_previous_results_stay(damage, message, tmp_path
 def test_member_with_another_tokenizer_is_named(tmp_path, capsys, evaluated_run, gpt2_tokenizer_dir):
     import shutil
 
-    from ensemble.cli import evaluate_main
+    from ensemble.cli.evaluate import evaluate_main
 
     run = tmp_path / "run"
     shutil.copytree(evaluated_run, run)
@@ -657,8 +662,8 @@ def test_member_with_another_tokenizer_is_named(tmp_path, capsys, evaluated_run,
 
 
 def test_fault_specs_name_the_kind_member_step_and_rank(monkeypatch):
-    from ensemble import faults
-    from ensemble.distributed import launch_info
+    from ensemble.runtime import faults
+    from ensemble.runtime.distributed import launch_info
 
     monkeypatch.setenv("ENSEMBLE_FAULT", "raise:1:3, kill-save:0:0:1")
     monkeypatch.setenv("RANK", "1")
@@ -681,8 +686,9 @@ def test_fault_specs_name_the_kind_member_step_and_rank(monkeypatch):
 
 
 def test_output_dir_and_member_selection_are_checked_before_any_work(tmp_path):
-    from ensemble.members import MemberSpec, RunPaths
-    from ensemble.resume import check_output_dir, select_members
+    from ensemble.core.members import MemberSpec
+    from ensemble.core.paths import RunPaths
+    from ensemble.train.resume import check_output_dir, select_members
 
     specs = [MemberSpec(i, seed) for i, seed in enumerate((7, 8, 9))]
     assert select_members(specs, None) == specs

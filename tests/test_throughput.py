@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ensemble.architecture import count_parameters
-from ensemble.throughput import flops_per_token, mfu, peak_tflops
+from ensemble.core.architecture import count_parameters
+from ensemble.runtime.throughput import flops_per_token, mfu, peak_tflops
 
 
 def test_gpt2_small_parameter_count_and_flops():

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ensemble.config import ExperimentConfig, TrackingConfig
-from ensemble.tracking import flat_config, make_trackers, wandb_has_credentials
+from ensemble.config.schema import ExperimentConfig, TrackingConfig
+from ensemble.runtime.tracking import flat_config, make_trackers, wandb_has_credentials
 
 
 def test_hyperparameters_are_dotted_keys_with_scalar_values():

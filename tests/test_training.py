@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ensemble.cli import train_main
-from ensemble.config import ModelConfig
-from ensemble.members import build_model, fit_model_config, load_model_config
-from ensemble.tokenization import load_tokenizer
+from ensemble.cli.train import train_main
+from ensemble.config.schema import ModelConfig
+from ensemble.core.members import build_model, fit_model_config, load_model_config
+from ensemble.core.tokenization import load_tokenizer
 
 from .conftest import PYTHON, REPO, tiny_overrides
 
@@ -136,10 +136,10 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, datasets_cache
 def test_block_size_defaults_to_the_context_and_only_weight_matrices_decay():
     import dataclasses
 
-    from ensemble.config import DataConfig, ExperimentConfig, TrainConfig
+    from ensemble.config.schema import DataConfig, ExperimentConfig, TrainConfig
+    from ensemble.core.architecture import resolve_block_size
     from ensemble.errors import EnsembleError
-    from ensemble.run import resolve_block_size
-    from ensemble.trainer import _optimizer
+    from ensemble.runtime.trainer import _optimizer
 
     model_cfg, config = _tiny_model("{n_layer: 1, n_embd: 16, n_head: 2, n_positions: 32}")
     cfg = ExperimentConfig(model=model_cfg, train=TrainConfig(weight_decay=0.01))

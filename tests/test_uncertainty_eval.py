@@ -18,16 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble.cli import evaluate_main
-from ensemble.config import EvalConfig, ModelConfig
-from ensemble.data import EvalBlocks
-from ensemble.evaluation import evaluate_members, load_members
-from ensemble.metrics import SUMS
-from ensemble.ood import auroc, block_scores, detection, fpr_at_tpr
-from ensemble.scoring import Scorer
-from ensemble.selective import BINS, SCORES, RiskCoverage
-from ensemble.tokenization import load_tokenizer
-from ensemble.tokens import TokenWriter, write_html
+from ensemble.cli.evaluate import evaluate_main
+from ensemble.config.schema import EvalConfig, ModelConfig
+from ensemble.core.data import EvalBlocks
+from ensemble.core.loading import load_members
+from ensemble.core.metrics import SUMS
+from ensemble.core.tokenization import load_tokenizer
+from ensemble.evaluate.evaluator import evaluate_members
+from ensemble.evaluate.ood import auroc, block_scores, detection, fpr_at_tpr
+from ensemble.evaluate.scoring import Scorer
+from ensemble.evaluate.selective import BINS, SCORES, RiskCoverage
+from ensemble.evaluate.token_export import TokenWriter, write_html
 
 from .test_evaluation import MODES, _tiny_member, make_synthetic, softmax64
 

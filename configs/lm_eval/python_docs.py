@@ -9,8 +9,8 @@ from typing import Any
 def load(**_: Any) -> Any:
     import datasets
 
-    from ensemble.config import BUILTIN_PYTHON_DOCS, DataConfig
-    from ensemble.data import load_splits
+    from ensemble.config.schema import BUILTIN_PYTHON_DOCS, DataConfig
+    from ensemble.core.data import load_splits
 
     cfg = DataConfig(dataset=BUILTIN_PYTHON_DOCS)
     cfg.validate()

@@ -3,8 +3,8 @@
 import sys
 import time
 
-from ensemble.distributed import Worlds, launch_info
 from ensemble.errors import EnsembleError
+from ensemble.runtime.distributed import Worlds, launch_info
 
 mode = sys.argv[1]
 worlds = Worlds(timeout_s=3)

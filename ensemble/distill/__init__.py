@@ -1,0 +1,1 @@
+"""The distill stage: a student trained on the ensemble's soft targets (:mod:`.run`)."""
