@@ -113,8 +113,7 @@ class Teacher:
         chunk_tokens: int,
     ):
         self.n, self.sharding, self.temperature = len(members), sharding, temperature
-        self.device, self.precision, self.chunk_tokens = device, precision, chunk_tokens
-        self.vocab = members[0].config.vocab_size
+        self.device = device
         self.collectives = Collectives(sharding)
         self.parts = {
             i: ChunkedHead.of(members[i].model, chunk_tokens, precision, device)
