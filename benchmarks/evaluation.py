@@ -118,7 +118,7 @@ def worker(
     from ensemble.core.architecture import context_length
     from ensemble.core.data import prepare_data
     from ensemble.core.loading import load_members
-    from ensemble.evaluate.evaluator import evaluate_members
+    from ensemble.evaluate.stream import Collect, evaluate_members
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_members([Path(m) for m in members], device)
@@ -144,7 +144,12 @@ def worker(
                 Path(tmp) / "t.parquet", names, loaded[0].tokenizer, loaded[0].config.vocab_size, 0, 1
             )
             scorer = evaluate_members(
-                loaded, blocks, eval_cfg, device, show_progress=False, keep_blocks=True, tokens=writer
+                loaded,
+                blocks,
+                eval_cfg,
+                device,
+                collect=Collect(blocks=True, tokens=writer),
+                show_progress=False,
             )
             writer.finish(-(-len(blocks) // batch_size))
             compiled.append(scorer.compiled)
@@ -209,7 +214,9 @@ def compare_devices(members: list[Path], data: Path, devices: list[str], batch_s
     from ensemble.core.architecture import context_length
     from ensemble.core.data import prepare_data
     from ensemble.core.loading import load_members
-    from ensemble.evaluate.evaluator import evaluate_members, results_dict
+    from ensemble.evaluate.context import Evaluation
+    from ensemble.evaluate.sections import build_results
+    from ensemble.evaluate.stream import Collect, evaluate_members
     from ensemble.runtime.sharding import Sharding
 
     results = {}
@@ -227,10 +234,11 @@ def compare_devices(members: list[Path], data: Path, devices: list[str], batch_s
             precision="float32",
             bootstrap_samples=0,
         )
-        scorer = evaluate_members(loaded, blocks, cfg, device, keep_blocks=True, show_progress=False)
-        results[device] = results_dict(
-            loaded, scorer, cfg, "test", blocks, {}, Sharding("data", 0, 1, len(loaded))
+        scorer = evaluate_members(
+            loaded, blocks, cfg, device, collect=Collect(blocks=True), show_progress=False
         )
+        ev = Evaluation(loaded, scorer, cfg, "test", blocks, {}, Sharding("data", 0, 1, len(loaded)), device)
+        results[device] = build_results(ev)
         results[device]["compiled"] = scorer.compiled
     a, b = (_numbers(results[d]) for d in devices)
     print(

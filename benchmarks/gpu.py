@@ -195,7 +195,7 @@ def evaluation(run: Path, text: Path, size: dict, device: torch.device) -> dict:
     from ensemble.core.data import EvalBlocks, prepare_data
     from ensemble.core.loading import load_members
     from ensemble.core.members import find_members
-    from ensemble.evaluate.evaluator import evaluate_members
+    from ensemble.evaluate.stream import evaluate_members
 
     members = load_members(find_members(run), device)
     n = len(members)
@@ -210,9 +210,7 @@ def evaluation(run: Path, text: Path, size: dict, device: torch.device) -> dict:
 
     def ours(which: list, compile_setting: bool | str = "auto"):
         cfg = EvalConfig(per_device_batch_size=eb, compile=compile_setting)
-        return lambda: (
-            evaluate_members(which, blocks, cfg, device, fit_blocks=fit, show_progress=False).tokens
-        )
+        return lambda: evaluate_members(which, blocks, cfg, device, fit=fit, show_progress=False).tokens
 
     rows = {
         "bare bf16 forward, 1 member": timed(lambda: bare_forward(members[0], blocks, eb, device), device),

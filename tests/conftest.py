@@ -120,3 +120,34 @@ def assert_same_members(a: Path, b: Path, members) -> None:
         assert wa.keys() == wb.keys()
         different = [k for k in wa if not torch.equal(wa[k], wb[k])]
         assert not different, f"member-{i} differs from its uninterrupted twin in {different[:3]}"
+
+
+# --------------------------------------------------------------------------------------------
+# Every results.json a test writes conforms to the schema (ensemble/core/results.py)
+
+
+@pytest.fixture(autouse=True)
+def _results_json_conforms(request: pytest.FixtureRequest):
+    """After each test that has a tmp_path: its results.json files validate against the JSON
+    Schema. (Module- and session-scoped directories are swept at the end of the session.)"""
+    yield
+    if "tmp_path" in request.fixturenames:
+        from tests.helpers.results_schema import invalid_results
+
+        bad = invalid_results(request.getfixturevalue("tmp_path"))
+        if bad:
+            pytest.fail("results.json does not conform to the schema:\n" + "\n".join(bad), pytrace=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None or session.config.option.collectonly:
+        return
+    from tests.helpers.results_schema import invalid_results
+
+    bad = invalid_results(factory.getbasetemp())
+    if bad:
+        session.config.get_terminal_writer().line(
+            "results.json files that do not conform to the schema:\n" + "\n".join(bad), red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -23,10 +23,10 @@ from ensemble.core.combining import HEADLINE
 from ensemble.core.data import EvalBlocks, TrainBlocks, prepare_data
 from ensemble.core.loading import load_members
 from ensemble.core.metrics import SUMS
-from ensemble.core.paths import RunPaths
+from ensemble.core.paths import RunPaths, run_config
 from ensemble.core.soup import make_soup
-from ensemble.distill.run import Teacher, distill_run, distillation_loss, run_config
-from ensemble.evaluate.evaluator import evaluate_members
+from ensemble.distill.run import Teacher, distill_run, distillation_loss
+from ensemble.evaluate.stream import evaluate_members
 from ensemble.runtime.sharding import Sharding
 
 from .conftest import PYTHON, REPO, tiny_overrides

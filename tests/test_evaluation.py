@@ -24,8 +24,10 @@ from ensemble.core.members import MemberSpec, build_model, fit_model_config, loa
 from ensemble.core.metrics import ECE_BINS, SUMS, poisson_weights, row_result
 from ensemble.core.tokenization import load_tokenizer
 from ensemble.errors import EnsembleError
-from ensemble.evaluate.evaluator import evaluate_members, results_dict
-from ensemble.evaluate.scoring import Scorer
+from ensemble.evaluate.context import Evaluation
+from ensemble.evaluate.scoring import BootstrapPlan, Fitted, Scorer
+from ensemble.evaluate.sections import build_results
+from ensemble.evaluate.stream import evaluate_members
 
 # --------------------------------------------------------------------------------------------
 # Brute force
@@ -130,10 +132,8 @@ def _score(logits, y, blocks, weights, samples=40, chunk=70, mode="fixups") -> S
     scorer = Scorer(
         ["m0", "m1", "m2"],
         ["mean_prob", "mean_logit", "geometric", "weighted"],
-        np.ones(3),
-        weights,
-        samples,
-        5,
+        Fitted(np.ones(3), weights),
+        BootstrapPlan(samples, 5),
         **MODES[mode],
     )
     scorer.begin_batch(int(blocks.max()) + 1, "cpu")
@@ -286,6 +286,11 @@ def byte_members(tmp_path_factory):
     return [_tiny_member(root / f"member-{i}", seed, tok, index=i) for i, seed in enumerate((3, 4, 5))]
 
 
+def _info(blocks: EvalBlocks) -> dict:
+    """A split fingerprint of the shape prepare_data gives (source, tokens, hash)."""
+    return {"source": "x", "tokens": len(blocks.stream), "sha256": "0" * 64}
+
+
 def _model_probs(members, blocks: EvalBlocks, temperatures=(1.0, 1.0, 1.0)):
     """Whole-model logits, one unpadded block at a time: [positions, V] per member, targets."""
     member_probs = [[] for _ in members]
@@ -326,7 +331,7 @@ def test_fitted_temperatures_and_weights_match_brute_force(byte_members):
     val = EvalBlocks(torch.randint(0, 259, (32 * 4,), generator=g).numpy(), 32)
     test = EvalBlocks(torch.randint(0, 259, (32 * 3,), generator=g).numpy(), 32)
     cfg = EvalConfig(per_device_batch_size=2, chunk_tokens=50, temperature_scaling=True, bootstrap_samples=0)
-    scorer = evaluate_members(members, test, cfg, "cpu", fit_blocks=val, show_progress=False)
+    scorer = evaluate_members(members, test, cfg, "cpu", fit=val, show_progress=False)
     # temperatures: each within the refined grid's resolution of a dense brute-force search
     dense = np.exp(np.linspace(math.log(0.25), math.log(4.0), 4001))
     raw, targets = _model_probs(members, val)
@@ -360,7 +365,9 @@ def test_results_document(byte_members):
     scorer = evaluate_members(members, blocks, cfg, "cpu", show_progress=False)
     from ensemble.runtime.sharding import Sharding
 
-    results = results_dict(members, scorer, cfg, "test", blocks, {"source": "x"}, Sharding("data", 0, 1, 3))
+    results = build_results(
+        Evaluation(members, scorer, cfg, "test", blocks, _info(blocks), Sharding("data", 0, 1, 3))
+    )
     assert [p["k"] for p in results["curve"]] == [1, 2, 3]
     assert (
         results["curve"][-1]["nll"] == results["ensemble"]["nll"] == results["combiners"]["mean_prob"]["nll"]
@@ -406,8 +413,8 @@ def test_a_combiner_registered_in_one_place_is_scored_and_reported(byte_members,
         members = load_members(byte_members, "cpu")
         blocks = EvalBlocks(np.arange(300) % 259, 32)
         scorer = evaluate_members(members, blocks, cfg, "cpu", show_progress=False)
-        results = results_dict(
-            members, scorer, cfg, "test", blocks, {"source": "x"}, Sharding("data", 0, 1, 3)
+        results = build_results(
+            Evaluation(members, scorer, cfg, "test", blocks, _info(blocks), Sharding("data", 0, 1, 3))
         )
         write_results(results, tmp_path)
     finally:

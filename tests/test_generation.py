@@ -19,6 +19,8 @@ from ensemble.core.uncertainty import Decomposition
 from ensemble.errors import EnsembleError
 from ensemble.generate.model import EnsembleForCausalLM, load_ensemble
 
+from .helpers.results_schema import results_document
+
 CONTEXT = 64
 TEMPERATURES = [0.8, 1.0, 1.3]
 WEIGHTS = [0.5, 0.3, 0.2]
@@ -71,11 +73,7 @@ def run(tmp_path_factory, gpt2_tokenizer_dir: Path) -> Path:
             ExperimentConfig(),
             {},
         )
-    results = {
-        "members": [{"name": f"member-{i}", "temperature": t} for i, t in enumerate(TEMPERATURES)],
-        "combiners": {"mean_prob": {}, "weighted": {"weights": WEIGHTS}},
-    }
-    (root / "results.json").write_text(json.dumps(results))
+    (root / "results.json").write_text(json.dumps(results_document(TEMPERATURES, WEIGHTS)))
     return root
 
 
@@ -187,7 +185,7 @@ def test_forward_nll_equals_the_evaluators_on_test_blocks(run: Path, shakespeare
     from ensemble.core.data import EvalBlocks
     from ensemble.core.loading import load_members
     from ensemble.core.metrics import row_result
-    from ensemble.evaluate.evaluator import evaluate_members
+    from ensemble.evaluate.stream import evaluate_members
 
     for combiner in ("mean_prob", "mean_logit"):
         model, tokenizer = load_ensemble(run, combiner=combiner, fitted_temperatures=False)
@@ -405,7 +403,7 @@ def test_lm_eval_harness_scores_a_local_task_as_the_evaluator_does(
     from ensemble.core.data import EvalBlocks
     from ensemble.core.loading import load_members
     from ensemble.core.metrics import SUMS
-    from ensemble.evaluate.evaluator import evaluate_members
+    from ensemble.evaluate.stream import evaluate_members
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

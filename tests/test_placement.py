@@ -99,7 +99,8 @@ def test_layout_dataclass_validates_itself():
 def test_launch_info_and_process_group_settings_come_from_the_launchers_environment(monkeypatch):
     import datetime as dt
 
-    from ensemble.runtime.distributed import accelerator_kwargs, backend, launch_info, state_kwargs
+    from ensemble.runtime.distributed import accelerator_kwargs, backend, state_kwargs
+    from ensemble.runtime.launch_env import launch_info
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)

@@ -663,7 +663,7 @@ def test_member_with_another_tokenizer_is_named(tmp_path, capsys, evaluated_run,
 
 def test_fault_specs_name_the_kind_member_step_and_rank(monkeypatch):
     from ensemble.runtime import faults
-    from ensemble.runtime.distributed import launch_info
+    from ensemble.runtime.launch_env import launch_info
 
     monkeypatch.setenv("ENSEMBLE_FAULT", "raise:1:3, kill-save:0:0:1")
     monkeypatch.setenv("RANK", "1")

@@ -24,10 +24,10 @@ from ensemble.core.data import EvalBlocks
 from ensemble.core.loading import load_members
 from ensemble.core.metrics import SUMS
 from ensemble.core.tokenization import load_tokenizer
-from ensemble.evaluate.evaluator import evaluate_members
 from ensemble.evaluate.ood import auroc, block_scores, detection, fpr_at_tpr
-from ensemble.evaluate.scoring import Scorer
+from ensemble.evaluate.scoring import Fitted, Scorer
 from ensemble.evaluate.selective import BINS, SCORES, RiskCoverage
+from ensemble.evaluate.stream import Collect, evaluate_members
 from ensemble.evaluate.token_export import TokenWriter, write_html
 
 from .test_evaluation import MODES, _tiny_member, make_synthetic, softmax64
@@ -80,7 +80,7 @@ def shared_zero_logits(seed: int = 1, n: int = 300, vocab: int = 8, members: int
 
 def score_chunks(logits, y, blocks, mode: str = "fixups", chunk: int = 70, **kw) -> Scorer:
     names = [f"m{i}" for i in range(len(logits))]
-    scorer = Scorer(names, ["mean_prob", "mean_logit"], np.ones(len(logits)), None, 0, 0, **MODES[mode], **kw)
+    scorer = Scorer(names, ["mean_prob", "mean_logit"], Fitted.none(len(logits)), **MODES[mode], **kw)
     scorer.keep_blocks(int(blocks.max()) + 1)
     scorer.begin_batch(int(blocks.max()) + 1, "cpu")
     for s in range(0, len(y), chunk):
@@ -306,7 +306,7 @@ def token_run(tmp_path_factory, sherlock):
         root / "tokens.parquet", [m.name for m in members], tok, members[0].config.vocab_size, 0, 1
     )
     scorer = evaluate_members(
-        members, blocks, cfg, "cpu", keep_blocks=True, tokens=writer, show_progress=False
+        members, blocks, cfg, "cpu", collect=Collect(blocks=True, tokens=writer), show_progress=False
     )
     writer.finish(-(-len(blocks) // 16))
     return root, members, blocks, scorer

@@ -18,14 +18,14 @@ USER_ERROR = 2
 
 
 def _rank() -> int:
-    from ensemble.runtime.distributed import launch_info
+    from ensemble.runtime.launch_env import launch_info
 
     return launch_info().rank
 
 
 def _where() -> str:
     """`[rank r/W] ` in a multi-process job, else nothing."""
-    from ensemble.runtime.distributed import launch_info
+    from ensemble.runtime.launch_env import launch_info
 
     launch = launch_info()
     return f"[rank {launch.rank}/{launch.world_size}] " if launch.distributed else ""
@@ -38,6 +38,15 @@ class _TiedWeightsNote(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "Removed shared tensor" not in record.getMessage()
+
+
+class _DefaultLossNote(logging.Filter):
+    """transformers warns once per process that "`loss_type=None` was set in the config but it
+    is unrecognized" for every GPT-2 config (none sets loss_type); the default it then takes,
+    the causal-LM loss, is the one we train with."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "loss_type=None" not in record.getMessage()
 
 
 def setup_logging() -> None:
@@ -56,8 +65,9 @@ def setup_logging() -> None:
     logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
     transformers.logging.set_verbosity_warning()
     transformers.utils.logging.disable_progress_bar()  # per-file weight load/save bars are noise here
+    logging.getLogger("transformers.modeling_utils").addFilter(_DefaultLossNote())
     datasets.logging.set_verbosity_warning()
-    if not main:
+    if not main or not sys.stderr.isatty():  # off a terminal, bar redraws only fill the log
         datasets.disable_progress_bars()
 
 
@@ -160,7 +170,7 @@ def relaunched(
 ) -> int | None:
     """With ``--processes N`` (and ``--nodes``) outside any launcher: run this command as N ranks
     (see :mod:`ensemble.runtime.launcher`) and return their status; None where this process is to do the work."""
-    from ensemble.runtime.distributed import launch_info
+    from ensemble.runtime.launch_env import launch_info
 
     info = launch_info()
     nodes = _nodes(args)
@@ -183,9 +193,11 @@ def relaunched(
 def exit_with(code: int) -> NoReturn:
     """End the process of an entry script with ``code``. A process of a multi-process launch
     leaves through `runtime.distributed.leave`, without tearing the interpreter down (see there)."""
-    from ensemble.runtime.distributed import launch_info, leave
+    from ensemble.runtime.launch_env import launch_info
 
     if launch_info().distributed:
+        from ensemble.runtime.distributed import leave  # (torch: not imported on a one-process error)
+
         leave(code)
     sys.exit(code)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from ensemble.cli.common import add_processes_option, exit_with, guarded, relaunched, setup_logging
 from ensemble.config.docs import describe
+from ensemble.core.paths import RunPaths, run_config
 from ensemble.errors import PREEMPTED_EXIT, ConfigError
 
 
@@ -50,6 +52,9 @@ def distill_main(argv: Sequence[str] | None = None) -> int | None:
                 f"override {item!r}: distillation takes {', '.join(f'{s}.*' for s in DISTILL_SECTIONS)} "
                 "overrides (the members' model and data are the run's)"
             )
+    run_config(
+        RunPaths(Path(args.run_dir)), args.overrides
+    )  # a typo or a wrong path: said before torch loads
     if (status := relaunched(args, argv, distill_entry)) is not None:
         return status
     setup_logging()

@@ -200,10 +200,12 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int | None:
     args = evaluate_args(argv)
     if (status := relaunched(args, argv, evaluate_entry)) is not None:
         return status
+    member_paths, cfg, run_cfg, split, out = resolve_evaluation(args)  # before torch loads
     setup_logging()
-    member_paths, cfg, run_cfg, split, out = resolve_evaluation(args)
-    from ensemble.evaluate.evaluator import EvalOutputs, evaluate
-    from ensemble.runtime.distributed import Worlds, launch_info, local_device
+    from ensemble.evaluate.context import EvalOutputs
+    from ensemble.evaluate.evaluator import EvalData, evaluate
+    from ensemble.runtime.distributed import Worlds, local_device
+    from ensemble.runtime.launch_env import launch_info
 
     outputs = EvalOutputs(
         ood=tuple(Path(f) for f in args.ood),
@@ -220,12 +222,10 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int | None:
     try:
         evaluate(
             member_paths,
-            cfg.data,
+            EvalData(cfg.data, split, fit_cfg=run_cfg.data if run_cfg else None),
             cfg.eval,
-            split,
             out,
             device,
-            fit_data_cfg=run_cfg.data if run_cfg else None,
             main_first=worlds.main_first,
             outputs=outputs,
         )

@@ -13,12 +13,17 @@ directory that is not a run's, such as a member's or an evaluation's --output) f
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ensemble.config.loading import load_config
+from ensemble.errors import EnsembleError
+
 if TYPE_CHECKING:
+    from ensemble.config.schema import ExperimentConfig
     from ensemble.core.members import MemberSpec
 
 CONFIG = "config.yaml"  # a run's resolved config, and the config a member was trained with
@@ -77,3 +82,16 @@ class RunPaths:
     @property
     def results_md(self) -> Path:
         return self.root / RESULTS_MD
+
+
+def run_config(paths: RunPaths, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """The run's config.yaml with ``overrides`` applied."""
+    if not paths.root.is_dir():
+        raise EnsembleError(f"run directory {paths.root} not found; pass the output.dir of a training run")
+    if not paths.config.is_file():
+        raise EnsembleError(
+            f"{paths.root} has no config.yaml; pass the output.dir of a run trained with launch/train.py"
+        )
+    cfg = load_config(paths.config, overrides)
+    # The run's directory is where it is now (it may have been moved since training).
+    return dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(paths.root)))

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from ensemble.config.loading import load_config
 from ensemble.config.schema import ConfigError, ExperimentConfig
 from ensemble.core.architecture import context_length, resolve_block_size
 from ensemble.core.combining import MeanProb
@@ -39,7 +38,7 @@ from ensemble.core.members import (
     member_specs,
     read_member_info,
 )
-from ensemble.core.paths import STUDENT, RunPaths
+from ensemble.core.paths import STUDENT, RunPaths, run_config
 from ensemble.errors import EnsembleError, Preempted
 from ensemble.files import remove_stale_tmp
 from ensemble.runtime.checkpointing import (
@@ -53,8 +52,9 @@ from ensemble.runtime.checkpointing import (
     trajectory_config,
 )
 from ensemble.runtime.compute import resolve_compile, resolve_eval_precision
-from ensemble.runtime.distributed import Worlds, launch_info, local_device
+from ensemble.runtime.distributed import Worlds, local_device
 from ensemble.runtime.handoff import AfterTraining, Trained
+from ensemble.runtime.launch_env import launch_info
 from ensemble.runtime.sharding import Collectives, Sharding
 from ensemble.runtime.throughput import flops_per_token
 from ensemble.runtime.trainer import MemberJob, train_member
@@ -261,19 +261,6 @@ def distill_run(
         return results
     finally:
         worlds.close()
-
-
-def run_config(paths: RunPaths, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """The run's config.yaml with ``overrides`` applied."""
-    if not paths.root.is_dir():
-        raise EnsembleError(f"run directory {paths.root} not found; pass the output.dir of a training run")
-    if not paths.config.is_file():
-        raise EnsembleError(
-            f"{paths.root} has no config.yaml; pass the output.dir of a run trained with launch/train.py"
-        )
-    cfg = load_config(paths.config, overrides)
-    # The run's directory is where it is now (it may have been moved since training).
-    return dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(paths.root)))
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,12 @@ ood.png)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from ensemble.core.combining import COMBINERS, HEADLINE
 from ensemble.core.paths import RESULTS_JSON, RESULTS_MD, STUDENT
+from ensemble.core.results import Results, json_safe
 from ensemble.core.soup import SOUP
 from ensemble.files import atomic_write_json, atomic_write_text, tmp_name
 
@@ -36,10 +36,19 @@ def _row(label: str, r: dict[str, Any]) -> str:
     )
 
 
-def format_table(results: dict[str, Any]) -> str:
+def format_table(results: Results) -> str:
     """Markdown: members, then the ensemble's combinations, then what the ensemble gains."""
+    lines = _header_lines(results) + _row_lines(results)
+    if results.get("gain"):
+        lines += _gain_lines(results)
+    lines += _one_model_lines(results)
+    lines += _uncertainty_lines(results)
+    return "\n".join(lines) + "\n"
+
+
+def _header_lines(results: Results) -> list[str]:
     data = results["data"]
-    lines = [
+    return [
         f"# Ensemble results: {data.get('source', '')} ({results['split']} split, "
         f"{results['evaluation']['precision']} forward passes)",
         "",
@@ -51,6 +60,11 @@ def format_table(results: dict[str, Any]) -> str:
         "| Model | Accuracy | Top-5 accuracy | NLL | Perplexity | ECE | Brier | Tokens |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+
+
+def _row_lines(results: Results) -> list[str]:
+    """The members, the combinations, and the ensemble in one model (student, soup)."""
+    lines = []
     for m in results["members"]:
         seed = f" (seed {m['seed']})" if m.get("seed") is not None else ""
         temp = f", T={m['temperature']:.3g}" if m.get("temperature", 1.0) != 1.0 else ""
@@ -68,48 +82,45 @@ def format_table(results: dict[str, Any]) -> str:
         if row and "skipped" not in row:
             seed = f" (seed {row['seed']})" if row.get("seed") is not None else ""
             lines.append(_row(f"{label}{seed}", row))
-    gain = results.get("gain")
-    if gain:
-        best, mean = gain["vs_best_member"], gain["vs_mean_member"]
+    return lines
 
-        def interval(block: dict[str, Any], key: str) -> str:
-            ci = block.get("ci95", {}).get(key)
-            return f" (95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}])" if ci else ""
 
-        lines += [
-            "",
-            f"Ensemble (mean probability) vs the best member: NLL {best['nll']:+.4f}{interval(best, 'nll')} "
-            f"({best['best_member_by_nll']}), perplexity x{best['perplexity_ratio']:.3f}, accuracy "
-            f"{best['accuracy']:+.4f}{interval(best, 'accuracy')} ({best['best_member_by_accuracy']}).",
-            f"Ensemble vs the average member: NLL {mean['nll']:+.4f}{interval(mean, 'nll')}, accuracy "
-            f"{mean['accuracy']:+.4f}{interval(mean, 'accuracy')}.",
-        ]
-        div = results["diversity"]
-        lines.append(
-            f"Diversity: mean member NLL - ensemble NLL = {div['nll_gap']:.4f}; mean KL(member || mixture) = "
-            f"{div['mean_kl_to_mixture']:.4f} nats; pairwise top-1 disagreement {div['disagreement']['mean']:.4f}."
-        )
-        epistemic = "epistemic" in results["curve"][0]
-        lines += [
-            "",
-            "| Members (first k) | Accuracy | Perplexity |" + (" Epistemic (nats) |" if epistemic else ""),
-            "| ---: | ---: | ---: |" + (" ---: |" if epistemic else ""),
-        ]
-        lines += [
-            f"| {p['k']} | {p['accuracy']:.4f} | {p['perplexity']:.3f} |"
-            + (f" {p['epistemic']:.4f} |" if epistemic else "")
-            for p in results["curve"]
-        ]
-    lines += _one_model_lines(results)
-    lines += _uncertainty_lines(results)
-    return "\n".join(lines) + "\n"
+def _gain_lines(results: Results) -> list[str]:
+    """What the ensemble gains over the best and the average member, its diversity, and the
+    metrics of the first k members."""
+    gain = results["gain"]
+    best, mean = gain["vs_best_member"], gain["vs_mean_member"]
+
+    def interval(block: dict[str, Any], key: str) -> str:
+        ci = block.get("ci95", {}).get(key)
+        return f" (95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}])" if ci else ""
+
+    div = results["diversity"]
+    epistemic = "epistemic" in results["curve"][0]
+    return [
+        "",
+        f"Ensemble (mean probability) vs the best member: NLL {best['nll']:+.4f}{interval(best, 'nll')} "
+        f"({best['best_member_by_nll']}), perplexity x{best['perplexity_ratio']:.3f}, accuracy "
+        f"{best['accuracy']:+.4f}{interval(best, 'accuracy')} ({best['best_member_by_accuracy']}).",
+        f"Ensemble vs the average member: NLL {mean['nll']:+.4f}{interval(mean, 'nll')}, accuracy "
+        f"{mean['accuracy']:+.4f}{interval(mean, 'accuracy')}.",
+        f"Diversity: mean member NLL - ensemble NLL = {div['nll_gap']:.4f}; mean KL(member || mixture) = "
+        f"{div['mean_kl_to_mixture']:.4f} nats; pairwise top-1 disagreement {div['disagreement']['mean']:.4f}.",
+        "",
+        "| Members (first k) | Accuracy | Perplexity |" + (" Epistemic (nats) |" if epistemic else ""),
+        "| ---: | ---: | ---: |" + (" ---: |" if epistemic else ""),
+    ] + [
+        f"| {p['k']} | {p['accuracy']:.4f} | {p['perplexity']:.3f} |"
+        + (f" {p['epistemic']:.4f} |" if epistemic else "")
+        for p in results["curve"]
+    ]
 
 
 # results.json's sections of the ensemble in one model, and their labels
 ONE_MODEL_ROWS = {STUDENT: "Student (distilled)", SOUP: "Soup (mean of the weights)"}
 
 
-def _one_model_lines(results: dict[str, Any]) -> list[str]:
+def _one_model_lines(results: Results) -> list[str]:
     """How much of the ensemble's gain the student and the soup keep (or why there is no soup)."""
     lines = []
     for name, label in ONE_MODEL_ROWS.items():
@@ -132,7 +143,7 @@ def _one_model_lines(results: dict[str, Any]) -> list[str]:
     return ["", *lines] if lines else []
 
 
-def _uncertainty_lines(results: dict[str, Any]) -> list[str]:
+def _uncertainty_lines(results: Results) -> list[str]:
     """The decomposition, selective prediction and (with --ood) out-of-domain detection."""
     u, selective = results.get("uncertainty"), results.get("selective")
     if not u or not selective:
@@ -174,28 +185,17 @@ def _uncertainty_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _json_safe(obj: Any) -> Any:
-    """JSON has no infinity or NaN: write them as the strings "inf", "-inf", "nan"."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def write_results(results: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+def write_results(results: Results, out_dir: str | Path) -> tuple[Path, Path]:
     """Write both files atomically: a failed evaluation leaves the previous results intact."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / RESULTS_JSON, out / RESULTS_MD
-    atomic_write_json(json_path, _json_safe(results))
+    atomic_write_json(json_path, json_safe(results))
     atomic_write_text(md_path, format_table(results))
     return json_path, md_path
 
 
-def write_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
+def write_plots(results: Results, out_dir: str | Path) -> list[Path]:
     """Accuracy and perplexity against ensemble size; a reliability diagram."""
     import matplotlib
 
@@ -246,7 +246,7 @@ def write_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
         ylim=(0, 1),
         title="Reliability (15 bins)",
     )
-    ax.legend(fontsize=7)
+    _legend(ax)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     written.append(_save(fig, out / RELIABILITY_PLOT))
@@ -278,7 +278,7 @@ def _risk_coverage_plot(plt: Any, selective: dict[str, Any], path: Path) -> Path
             title=f"Ranked by {label}",
             xlim=(0, 1),
         )
-        ax.legend(fontsize=7)
+        _legend(ax)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
@@ -315,11 +315,17 @@ def _ood_plot(plt: Any, ood: dict[str, Any], path: Path) -> Path:
                 ylabel="blocks",
                 title=f"{Path(ood_set['path']).name}: AUROC {d['auroc']:.3f}",
             )
-            ax.legend(fontsize=7)
+            _legend(ax)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
     return path
+
+
+def _legend(ax: Any) -> None:
+    """A legend, on a panel that has a labelled line (an empty one makes matplotlib warn)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -43,7 +43,7 @@ from ensemble.core.metrics import (
 )
 from ensemble.core.uncertainty import Uncertainty
 from ensemble.evaluate.selective import BINS, SCORES, bin_of
-from ensemble.runtime.compute import FLOAT32, FirstCallFallback
+from ensemble.runtime.compute import FirstCallFallback
 
 # --------------------------------------------------------------------------------------------
 # Buffers
@@ -199,6 +199,27 @@ def _decompose(mixture: PositionStats, members: list[PositionStats], cross: torc
 # Sums over chunks
 
 
+class Fitted(NamedTuple):
+    """What the evaluation fits on the validation split: one temperature per member (ones when
+    none is fitted) and the mixture weights (None unless a fitted combiner is evaluated)."""
+
+    temperatures: np.ndarray
+    weights: np.ndarray | None
+
+    @classmethod
+    def none(cls, members: int) -> Fitted:
+        return cls(np.ones(members), None)
+
+
+class BootstrapPlan(NamedTuple):
+    samples: int
+    """Poisson-bootstrap replicates (0: no intervals)."""
+    seed: int
+
+
+NO_BOOTSTRAP = BootstrapPlan(0, 0)
+
+
 class Scorer:
     """All sums of one evaluation: per-row metric sums, diversity (on the device), bootstrap
     replicates (on the host, folded in once per batch).
@@ -212,22 +233,18 @@ class Scorer:
         self,
         member_names: list[str],
         combiners: list[str],
-        temperatures: np.ndarray,
-        weights: np.ndarray | None,
-        bootstrap_samples: int,
-        bootstrap_seed: int,
+        fitted: Fitted,
+        bootstrap: BootstrapPlan = NO_BOOTSTRAP,
         device: torch.device | str = "cpu",
         compile: bool | str = False,
-        precision: str = FLOAT32,
         branch_free: bool | None = None,
         uncertainty: bool = True,
     ):
         n = len(member_names)
         self.member_names, self.combiners = list(member_names), list(combiners)
-        self.temperatures, self.weights = temperatures, weights
-        self.bootstrap_samples, self.bootstrap_seed = bootstrap_samples, bootstrap_seed
+        temperatures, weights = self.temperatures, self.weights = fitted.temperatures, fitted.weights
+        self.bootstrap_samples, self.bootstrap_seed = bootstrap
         self.device = torch.device(device)
-        self.precision = precision  # of the members' forward passes, for the results
         prefix_rows = [f"first-{k}" for k in range(2, n)]  # k = 1 and k = N are rows already
         self.rows = list(self.member_names) + (list(self.combiners) + prefix_rows if n > 1 else [])
         self.index = {name: r for r, name in enumerate(self.rows)}

@@ -16,7 +16,6 @@ its weights are, and its log-probabilities are combined on the first member's de
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ensemble.core.architecture import context_length
 from ensemble.core.combining import COMBINERS, HEADLINE, Combiner
 from ensemble.core.paths import RunPaths
+from ensemble.core.results import fitted_weights, member_temperatures, read_results
 from ensemble.core.uncertainty import Decomposition, Uncertainty
 from ensemble.errors import EnsembleError, did_you_mean
 
@@ -315,16 +315,10 @@ def fitted_values(run_dir: Path, names: Sequence[str]) -> tuple[list[float], lis
     path = RunPaths(Path(run_dir)).results_json
     if not path.is_file():
         return [1.0] * len(names), None
-    try:
-        results = json.loads(path.read_text())
-        recorded = [m["name"] for m in results["members"]]
-        temperature = {m["name"]: float(m.get("temperature", 1.0)) for m in results["members"]}
-    except (ValueError, KeyError, TypeError):
-        raise EnsembleError(
-            f"{path} is not a results.json written by the evaluator; re-run launch/evaluate.py"
-        ) from None
-    weights = next((c["weights"] for c in results.get("combiners", {}).values() if "weights" in c), None)
-    if recorded != list(names):
+    results = read_results(path)
+    temperature = member_temperatures(results)
+    weights = fitted_weights(results)
+    if [m["name"] for m in results["members"]] != list(names):
         weights = None  # fitted for another set of members
     return [temperature.get(n, 1.0) for n in names], weights
 

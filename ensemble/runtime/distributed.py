@@ -13,45 +13,17 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime as dt
-import functools
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
 
 from ensemble.errors import EnsembleError, Preempted
-
-
-@dataclass(frozen=True)
-class LaunchInfo:
-    """Where this process sits in the launch (as torchrun / `accelerate launch` set it up)."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-@functools.lru_cache(maxsize=1)
-def launch_info() -> LaunchInfo:
-    """Read once, before any world of ours rewrites RANK and WORLD_SIZE."""
-    env = os.environ
-    world = int(env.get("WORLD_SIZE", 1))
-    return LaunchInfo(
-        rank=int(env.get("RANK", 0)),
-        world_size=world,
-        local_rank=int(env.get("LOCAL_RANK", 0)),
-        local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
-    )
+from ensemble.runtime.launch_env import launch_info
 
 
 def on_cpu() -> bool:

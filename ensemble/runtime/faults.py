@@ -37,7 +37,7 @@ def armed(kind: str, member: int, step: int) -> bool:
     """Whether fault ``kind`` is set for this member, step and process."""
     if "ENSEMBLE_FAULT" not in os.environ:
         return False
-    from ensemble.runtime.distributed import launch_info
+    from ensemble.runtime.launch_env import launch_info
 
     rank = launch_info().rank  # the launch rank (RANK is rewritten inside member groups)
     return any(

@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ensemble.config.schema import ExperimentConfig
 from ensemble.core.data import PreparedData
@@ -33,8 +32,10 @@ from ensemble.runtime.checkpointing import (
     trajectory_config,
 )
 from ensemble.runtime.compute import deterministic, resolve_mixed_precision, tf32
-from ensemble.runtime.distributed import accelerator_kwargs, launch_info, reset_accelerate_state
+from ensemble.runtime.distributed import accelerator_kwargs, reset_accelerate_state
 from ensemble.runtime.faults import armed, inject
+from ensemble.runtime.launch_env import launch_info
+from ensemble.runtime.progress import progress
 from ensemble.runtime.throughput import mfu, peak_tflops
 from ensemble.runtime.tracking import flat_config, make_trackers
 from ensemble.runtime.zero import ZeroSetup, make_plugin
@@ -334,7 +335,7 @@ class _Loop:
         first_step_s: float | None = None
         self.model.train()
         # A context manager, so the bar is closed (not redrawn later) when an error ends training.
-        with tqdm(
+        with progress(
             total=total_steps,
             initial=p.step,
             desc=f"{spec.name} (seed {spec.seed})",

@@ -39,8 +39,9 @@ from ensemble.runtime.checkpointing import (
     read_checkpoint_info,
 )
 from ensemble.runtime.compute import resolve_compile, resolve_mixed_precision
-from ensemble.runtime.distributed import Worlds, launch_info, local_device, state_kwargs
+from ensemble.runtime.distributed import Worlds, local_device, state_kwargs
 from ensemble.runtime.handoff import AfterTraining, Trained
+from ensemble.runtime.launch_env import launch_info
 from ensemble.runtime.placement import Placement, device_memory_bytes, estimate_bytes_per_device, plan_layout
 from ensemble.runtime.throughput import flops_per_token
 from ensemble.runtime.trainer import MemberDiverged, MemberJob, train_member

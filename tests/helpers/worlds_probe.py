@@ -4,7 +4,8 @@ import sys
 import time
 
 from ensemble.errors import EnsembleError
-from ensemble.runtime.distributed import Worlds, launch_info
+from ensemble.runtime.distributed import Worlds
+from ensemble.runtime.launch_env import launch_info
 
 mode = sys.argv[1]
 worlds = Worlds(timeout_s=3)
