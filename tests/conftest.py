@@ -130,11 +130,13 @@ def assert_same_members(a: Path, b: Path, members) -> None:
 def _results_json_conforms(request: pytest.FixtureRequest):
     """After each test that has a tmp_path: its results.json files validate against the JSON
     Schema. (Module- and session-scoped directories are swept at the end of the session.)"""
+    # asked for here, so that the directory outlives this fixture's teardown
+    root = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
     yield
-    if "tmp_path" in request.fixturenames:
+    if root is not None:
         from tests.helpers.results_schema import invalid_results
 
-        bad = invalid_results(request.getfixturevalue("tmp_path"))
+        bad = invalid_results(root)
         if bad:
             pytest.fail("results.json does not conform to the schema:\n" + "\n".join(bad), pytrace=False)
 

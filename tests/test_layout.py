@@ -121,3 +121,60 @@ def test_a_user_error_is_one_line_and_status_2(capsys):
 
     assert main(["x.txt"]) == USER_ERROR == 2
     assert capsys.readouterr().err == "error: data.dataset=x.txt not found; fix the path\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Short functions, few parameters
+
+MAX_LINES = 60
+MAX_PARAMS = 8
+# Signatures that Hugging Face calls with its own keyword arguments (generate() passes them all).
+HF_SIGNATURES = {("ensemble/generate/model.py", "forward")}
+
+
+def _code_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> int:
+    """Lines of code of a function: its docstring, comments and blank lines not counted."""
+    body = fn.body
+    doc = range(0)
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        doc = range(body[0].lineno, body[0].end_lineno + 1)
+    return sum(
+        1
+        for i in range(fn.lineno, fn.end_lineno + 1)
+        if i not in doc and lines[i - 1].strip() and not lines[i - 1].strip().startswith("#")
+    )
+
+
+def oversized_functions(root: Path) -> list[str]:
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        source = path.read_text()
+        lines = source.splitlines()
+        name = path.relative_to(root.parent).as_posix()
+        for fn in ast.walk(ast.parse(source)):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = fn.args
+            params = [p for p in a.posonlyargs + a.args + a.kwonlyargs if p.arg not in ("self", "cls")]
+            if _code_lines(fn, lines) > MAX_LINES:
+                out.append(f"{name}:{fn.lineno} {fn.name}: {_code_lines(fn, lines)} lines")
+            if len(params) > MAX_PARAMS and (name, fn.name) not in HF_SIGNATURES:
+                out.append(f"{name}:{fn.lineno} {fn.name}: {len(params)} parameters")
+    return out
+
+
+def test_no_function_is_long_or_takes_many_parameters():
+    assert oversized_functions(REPO / "ensemble") == []
+
+
+def test_the_size_check_sees_a_long_function_and_a_wide_one(tmp_path):
+    pkg = tmp_path / "ensemble"
+    pkg.mkdir()
+    long_body = "\n".join(f"    x{i} = {i}" for i in range(MAX_LINES + 1))
+    (pkg / "m.py").write_text(
+        f'def long():\n    """doc"""\n{long_body}\n\n\ndef wide(a, b, c, d, e, f, g, h, i):\n    pass\n'
+    )
+    assert [line.split(": ", 1)[1] for line in oversized_functions(pkg)] == [
+        f"{MAX_LINES + 2} lines",
+        "9 parameters",
+    ]

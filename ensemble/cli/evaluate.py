@@ -25,6 +25,46 @@ from ensemble.core.paths import CONFIG, RunPaths
 from ensemble.errors import ConfigError, EnsembleError
 
 
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """What an evaluation adds on request (ensemble/evaluate/context.py's EvalOutputs)."""
+    g = p.add_argument_group("outputs on request")
+    g.add_argument(
+        "--ood",
+        nargs="+",
+        metavar="FILE",
+        default=[],
+        help="out-of-domain text file(s): their blocks are told apart from the split's by each "
+        "uncertainty score (AUROC, FPR at 95%% TPR) in results.json and ood.png",
+    )
+    g.add_argument(
+        "--tokens-out",
+        metavar="FILE",
+        help="write every predicted token (its probability under each member and the ensemble, "
+        "entropy, mutual information) to this Parquet file, streamed",
+    )
+    g.add_argument(
+        "--html",
+        metavar="FILE",
+        help="write a page showing the split's first tokens shaded by the members' disagreement",
+    )
+    g.add_argument(
+        "--html-tokens", type=int, default=2000, metavar="N", help="tokens on the --html page (2000)"
+    )
+    g.add_argument(
+        "--student",
+        metavar="DIR",
+        help="a distilled student to evaluate beside the members (default: RUN_DIR/student, when "
+        "launch/distill.py wrote one)",
+    )
+    g.add_argument("--no-student", action="store_true", help="do not evaluate the run's student")
+    g.add_argument(
+        "--save-soup",
+        metavar="DIR",
+        help="save the uniform average of the members' weights in Hugging Face format (members "
+        "fine-tuned from one pretrained model only)",
+    )
+
+
 def evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch/evaluate.py",
@@ -56,41 +96,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
         "--split", default=None, choices=["test", "validation"], help="split to evaluate (default: test)"
     )
     p.add_argument("--output", help="directory for results.json/.md (default: the run, or <run>/eval/<data>)")
-    p.add_argument(
-        "--ood",
-        nargs="+",
-        metavar="FILE",
-        default=[],
-        help="out-of-domain text file(s): their blocks are told apart from the split's by each "
-        "uncertainty score (AUROC, FPR at 95%% TPR) in results.json and ood.png",
-    )
-    p.add_argument(
-        "--tokens-out",
-        metavar="FILE",
-        help="write every predicted token (its probability under each member and the ensemble, "
-        "entropy, mutual information) to this Parquet file, streamed",
-    )
-    p.add_argument(
-        "--html",
-        metavar="FILE",
-        help="write a page showing the split's first tokens shaded by the members' disagreement",
-    )
-    p.add_argument(
-        "--html-tokens", type=int, default=2000, metavar="N", help="tokens on the --html page (2000)"
-    )
-    p.add_argument(
-        "--student",
-        metavar="DIR",
-        help="a distilled student to evaluate beside the members (default: RUN_DIR/student, when "
-        "launch/distill.py wrote one)",
-    )
-    p.add_argument("--no-student", action="store_true", help="do not evaluate the run's student")
-    p.add_argument(
-        "--save-soup",
-        metavar="DIR",
-        help="save the uniform average of the members' weights in Hugging Face format (members "
-        "fine-tuned from one pretrained model only)",
-    )
+    _add_output_options(p)
     add_processes_option(p)
     return p
 
@@ -134,9 +140,12 @@ def resolve_evaluation(
     """(member dirs, config whose data/eval sections apply, the run's own config when --data
     replaced its data (weights and temperatures are fitted on the run's validation split), split,
     output dir)."""
+    source = run_or_members(args)
+    if isinstance(source, str) and not Path(source).is_dir():  # said before torch is imported
+        raise EnsembleError(f"run directory {source} not found; pass the output.dir of a training run")
     from ensemble.core.members import member_dirs
 
-    member_paths = member_dirs(run_or_members(args))
+    member_paths = member_dirs(source)
 
     config_path = (
         Path(args.config)

@@ -11,31 +11,9 @@ from ensemble.cli.common import exit_with, guarded, run_or_members, setup_loggin
 from ensemble.errors import EnsembleError
 
 
-def generate_parser() -> argparse.ArgumentParser:
+def _add_ensemble_options(p: argparse.ArgumentParser) -> None:
     from ensemble.core.combining import COMBINERS, HEADLINE
 
-    p = argparse.ArgumentParser(
-        prog="launch/generate.py",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Continue prompts with the ensemble (one KV cache per member), streamed.",
-        epilog="examples:\n"
-        "  launch/generate.py runs/tiny --prompt 'The list type'\n"
-        "  launch/generate.py runs/tiny --prompt 'x = ' --sample --top-p 0.9 --seed 1 --show-uncertainty\n"
-        "  launch/generate.py --members a/ b/ --prompts-file prompts.txt --num-beams 4 --output out.jsonl",
-    )
-    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory written by launch/train.py")
-    p.add_argument("--members", nargs="+", metavar="DIR", help="member directories (instead of a run)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    p.add_argument("--prompts-file", type=Path, help="a file of prompts, one per line")
-    g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=50)
-    g.add_argument("--sample", action="store_true", help="sample (default: greedy search)")
-    g.add_argument("--temperature", type=float, help="sampling temperature (implies --sample)")
-    g.add_argument("--top-k", type=int, help="sample from the k likeliest tokens (implies --sample)")
-    g.add_argument("--top-p", type=float, help="nucleus sampling (implies --sample)")
-    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
-    g.add_argument("--num-return-sequences", type=int, default=1)
-    g.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     e = p.add_argument_group("ensemble")
     e.add_argument(
         "--combiner",
@@ -59,6 +37,32 @@ def generate_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="the members' weights (auto: bfloat16 on GPUs that support it, else float32)",
     )
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/generate.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Continue prompts with the ensemble (one KV cache per member), streamed.",
+        epilog="examples:\n"
+        "  launch/generate.py runs/tiny --prompt 'The list type'\n"
+        "  launch/generate.py runs/tiny --prompt 'x = ' --sample --top-p 0.9 --seed 1 --show-uncertainty\n"
+        "  launch/generate.py --members a/ b/ --prompts-file prompts.txt --num-beams 4 --output out.jsonl",
+    )
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory written by launch/train.py")
+    p.add_argument("--members", nargs="+", metavar="DIR", help="member directories (instead of a run)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    p.add_argument("--prompts-file", type=Path, help="a file of prompts, one per line")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=50)
+    g.add_argument("--sample", action="store_true", help="sample (default: greedy search)")
+    g.add_argument("--temperature", type=float, help="sampling temperature (implies --sample)")
+    g.add_argument("--top-k", type=int, help="sample from the k likeliest tokens (implies --sample)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling (implies --sample)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
+    g.add_argument("--num-return-sequences", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
+    _add_ensemble_options(p)
     u = p.add_argument_group("output")
     u.add_argument(
         "--show-uncertainty",

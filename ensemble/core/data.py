@@ -67,37 +67,47 @@ def _load_source(cfg: DataConfig) -> Any:
         return datasets.DatasetDict({"train": ds})
 
     if cfg.dataset:
-        if is_local(cfg.dataset):
-            path = Path(cfg.dataset).expanduser()
-            if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-                loaded = datasets.load_from_disk(str(path))
-            else:
-                loaded = datasets.load_dataset(str(path), cfg.dataset_config, cache_dir=cfg.cache_dir)
+        return _load_named(cfg, names)
+    return _load_files(cfg)
+
+
+def _load_named(cfg: DataConfig, names: dict[str, str]) -> Any:
+    """A dataset saved to disk, a local loading script or folder, or one on the Hub."""
+    import datasets
+
+    if is_local(cfg.dataset):
+        path = Path(cfg.dataset).expanduser()
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            loaded = datasets.load_from_disk(str(path))
         else:
-            require_local_or_hub(
-                "dataset",
-                "data.dataset",
-                cfg.dataset,
-                "save it where the Hub is reachable (datasets.load_dataset(NAME).save_to_disk(DIR)) "
-                "and set data.dataset=DIR, or export its splits and set data.train_files/test_files",
-            )
-            try:
-                loaded = datasets.load_dataset(cfg.dataset, cfg.dataset_config, cache_dir=cfg.cache_dir)
-            except datasets.exceptions.DatasetNotFoundError:
-                raise EnsembleError(
-                    f"dataset '{cfg.dataset}' was not found on the Hub; check data.dataset "
-                    "(and your Hub token if it is private)"
-                ) from None
-            except ConnectionError as e:
-                raise EnsembleError(
-                    f"could not download dataset '{cfg.dataset}' ({e}); save it locally and set "
-                    "data.dataset=DIR"
-                ) from None
-        if isinstance(loaded, datasets.Dataset):
-            loaded = datasets.DatasetDict({cfg.train_split: loaded})
-        return datasets.DatasetDict(
-            {ours: loaded[theirs] for ours, theirs in names.items() if theirs in loaded}
+            loaded = datasets.load_dataset(str(path), cfg.dataset_config, cache_dir=cfg.cache_dir)
+    else:
+        require_local_or_hub(
+            "dataset",
+            "data.dataset",
+            cfg.dataset,
+            "save it where the Hub is reachable (datasets.load_dataset(NAME).save_to_disk(DIR)) "
+            "and set data.dataset=DIR, or export its splits and set data.train_files/test_files",
         )
+        try:
+            loaded = datasets.load_dataset(cfg.dataset, cfg.dataset_config, cache_dir=cfg.cache_dir)
+        except datasets.exceptions.DatasetNotFoundError:
+            raise EnsembleError(
+                f"dataset '{cfg.dataset}' was not found on the Hub; check data.dataset "
+                "(and your Hub token if it is private)"
+            ) from None
+        except ConnectionError as e:
+            raise EnsembleError(
+                f"could not download dataset '{cfg.dataset}' ({e}); save it locally and set data.dataset=DIR"
+            ) from None
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({cfg.train_split: loaded})
+    return datasets.DatasetDict({ours: loaded[theirs] for ours, theirs in names.items() if theirs in loaded})
+
+
+def _load_files(cfg: DataConfig) -> Any:
+    """data.*_files: text, JSON Lines, CSV or Parquet files of one format."""
+    import datasets
 
     files = {"train": cfg.train_files, "validation": cfg.validation_files, "test": cfg.test_files}
     files = {split: [str(Path(f).expanduser()) for f in fs] for split, fs in files.items() if fs}

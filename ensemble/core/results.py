@@ -345,3 +345,10 @@ def _closed(node: Any) -> None:
     elif isinstance(node, list):
         for value in node:
             _closed(value)
+
+
+if __name__ == "__main__":
+    import sys
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results.schema.json")
+    out.write_text(json.dumps(json_schema(), indent=1) + "\n")

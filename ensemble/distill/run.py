@@ -219,14 +219,7 @@ def distill_run(
             _prepare_output(setup, overwrite)
         worlds.wait_all("output")
         start = _resume_point(setup, student_cfg, launch.world_size, resume, data)
-        teacher = Teacher(
-            teachers,
-            sharding,
-            cfg.distill.temperature,
-            device,
-            resolve_eval_precision(cfg.eval.precision, device),
-            cfg.eval.chunk_tokens,
-        )
+        teacher = _teacher(cfg, teachers, sharding, device)
         job = MemberJob(
             student_cfg,
             setup.spec,
@@ -243,16 +236,7 @@ def distill_run(
             destination=setup.student,
             record=setup.record,
         )
-        if setup.complete:
-            logger.info("%s is complete: %s (pass --overwrite to distil again)", STUDENT, setup.student)
-        else:
-            with StopRequest(publish=worlds.publish_stop, seen=worlds.stop_published) as stop:
-                train_member(job, stop)
-                worlds.wait_all("distilled", stop=stop)
-                if stop.agreed(device):
-                    raise Preempted(
-                        f"stopped by {stop.reason()} after distillation; the evaluation did not run"
-                    )
+        _distil(job, setup, worlds, device)
         del teacher, teachers
         results = None
         if then is not None:
@@ -320,6 +304,25 @@ def check_distill(
     }
     complete = bool(resume) and is_complete_member(student)
     return DistillSetup(cfg, members, spec, student, checkpoints, record, complete)
+
+
+def _teacher(
+    cfg: ExperimentConfig, teachers: list[LoadedMember], sharding: Sharding, device: torch.device
+) -> Teacher:
+    precision = resolve_eval_precision(cfg.eval.precision, device)
+    return Teacher(teachers, sharding, cfg.distill.temperature, device, precision, cfg.eval.chunk_tokens)
+
+
+def _distil(job: MemberJob, setup: DistillSetup, worlds: Worlds, device: torch.device) -> None:
+    """Train the student (unless it is complete); a stop agreed by every rank ends the run here."""
+    if setup.complete:
+        logger.info("%s is complete: %s (pass --overwrite to distil again)", STUDENT, setup.student)
+        return
+    with StopRequest(publish=worlds.publish_stop, seen=worlds.stop_published) as stop:
+        train_member(job, stop)
+        worlds.wait_all("distilled", stop=stop)
+        if stop.agreed(device):
+            raise Preempted(f"stopped by {stop.reason()} after distillation; the evaluation did not run")
 
 
 def student_model(cfg: ExperimentConfig, teachers: list[LoadedMember]) -> tuple[ExperimentConfig, Any, Any]:

@@ -169,6 +169,25 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         finally:
             self._recorders.remove(steps)
 
+    def _cache_for(
+        self, cache: EnsembleCache | None, use_cache: bool, new_positions: int
+    ) -> EnsembleCache | None:
+        """The cache to extend (a new one when caching and none is given), checked to fit."""
+        if cache is None and use_cache:
+            cache = self.new_cache()
+        elif cache is not None and not isinstance(cache, EnsembleCache):
+            raise EnsembleError(
+                f"an ensemble keeps one cache per member; pass the cache it returned (an EnsembleCache), "
+                f"not a {type(cache).__name__}, or none"
+            )
+        past = cache.get_seq_length() if cache is not None else 0
+        if past + new_positions > self.context:
+            raise EnsembleError(
+                f"the sequence needs {past + new_positions} positions but the members' context is "
+                f"{self.context} tokens; shorten the prompt or generate fewer tokens"
+            )
+        return cache
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -188,21 +207,10 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         in any causal LM, -100 ignored). Other keyword arguments of `generate()` (attention and
         hidden-state outputs) are not supported and ignored. The cache comes as ``cache`` or
         ``past_key_values``, whichever the installed transformers uses (see `CACHE_ARG`)."""
-        cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if cache is None and use_cache:
-            cache = self.new_cache()
-        elif cache is not None and not isinstance(cache, EnsembleCache):
-            raise EnsembleError(
-                f"an ensemble keeps one cache per member; pass the cache it returned (an EnsembleCache), "
-                f"not a {type(cache).__name__}, or none"
-            )
-        past = cache.get_seq_length() if cache is not None else 0
-        if past + input_ids.shape[1] > self.context:
-            raise EnsembleError(
-                f"the sequence needs {past + input_ids.shape[1]} positions but the members' context is "
-                f"{self.context} tokens; shorten the prompt or generate fewer tokens"
-            )
+        cache = self._cache_for(
+            cache if cache is not None else past_key_values, use_cache, input_ids.shape[1]
+        )
         out = self.device
         accumulator = self._combiner.start(None, self._log_weights)
         decomposition = Decomposition() if output_uncertainty or self._recorders else None
@@ -323,6 +331,26 @@ def fitted_values(run_dir: Path, names: Sequence[str]) -> tuple[list[float], lis
     return [temperature.get(n, 1.0) for n in names], weights
 
 
+def _check_weights(
+    fitted: list[float] | None, combiner: str, names: list[str], run_dir: Path | None
+) -> list[float]:
+    """The mixture weights a fitted combiner uses: given, or fitted for these members."""
+    if fitted is None:
+        where = f"{RunPaths(run_dir).results_json}" if run_dir is not None else "member directories"
+        raise EnsembleError(
+            f"combiner {combiner!r} needs mixture weights fitted for these {len(names)} members and "
+            f"{where} has none; evaluate the run with launch/evaluate.py (eval.combiners including "
+            f"{combiner}), or choose --combiner {HEADLINE}"
+        )
+    if (
+        len(fitted) != len(names)
+        or any(w < 0 for w in fitted)
+        or not math.isclose(sum(fitted), 1.0, rel_tol=1e-6)
+    ):
+        raise EnsembleError(f"weights {list(fitted)} must be {len(names)} non-negative numbers summing to 1")
+    return fitted
+
+
 def load_ensemble(
     source: str | Path | Sequence[str | Path],
     combiner: str = HEADLINE,
@@ -358,22 +386,7 @@ def load_ensemble(
     if not fitted_temperatures:
         temperatures = [1.0] * len(names)
     if spec.fitted:
-        fitted = list(weights) if weights is not None else fitted
-        if fitted is None:
-            where = f"{RunPaths(run_dir).results_json}" if run_dir is not None else "member directories"
-            raise EnsembleError(
-                f"combiner {combiner!r} needs mixture weights fitted for these {len(names)} members and "
-                f"{where} has none; evaluate the run with launch/evaluate.py (eval.combiners including "
-                f"{combiner}), or choose --combiner {HEADLINE}"
-            )
-        if (
-            len(fitted) != len(names)
-            or any(w < 0 for w in fitted)
-            or not math.isclose(sum(fitted), 1.0, rel_tol=1e-6)
-        ):
-            raise EnsembleError(
-                f"weights {list(fitted)} must be {len(names)} non-negative numbers summing to 1"
-            )
+        fitted = _check_weights(list(weights) if weights is not None else fitted, combiner, names, run_dir)
     dtype = _resolve_dtype(dtype, placement)
     # Frozen: scoring without torch.no_grad() then records no graph through the members' weights
     # (the combination is still differentiable, see combining._into, for who unfreezes them).

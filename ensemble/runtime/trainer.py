@@ -207,6 +207,50 @@ def _compile_in_place(accelerator: Any, model: Any) -> None:
         accelerator.unwrap_model(model).compile()
 
 
+def _warn_warmup(name: str, t: Any, total_steps: int) -> None:
+    if t.warmup_steps >= total_steps:
+        logger.warning(
+            "%s: train.warmup_steps=%d >= the %d optimizer steps of this run: the learning rate "
+            "never reaches train.lr=%g",
+            name,
+            t.warmup_steps,
+            total_steps,
+            t.lr,
+        )
+
+
+def _announce(
+    job: MemberJob,
+    accelerator: Any,
+    blocks: int,
+    total_steps: int,
+    peak_with_source: tuple[float | None, str],
+    mixed_precision: str,
+) -> list[int]:
+    """Log where the member trains and on what; returns the ranks of its group (a collective)."""
+    t, spec = job.cfg.train, job.spec
+    peak, peak_source = peak_with_source
+    ranks = accelerator.gather(torch.tensor([launch_info().rank], device=accelerator.device)).tolist()
+    logger.info(
+        "%s (seed %d) on rank(s) %s%s: %d blocks of %d tokens, %d optimizer steps; %.3g FLOPs/token, "
+        "peak %s TFLOP/s per device (%s); torch.compile %s (train.compile=%s), precision %s",
+        spec.name,
+        spec.seed,
+        ranks,
+        f" with ZeRO-{job.zero.stage}" if job.zero else "",
+        blocks,
+        job.data.block_size,
+        total_steps,
+        job.flops_per_token,
+        f"{peak:.3g}" if peak else "?",
+        peak_source,
+        "on" if job.compile_model else "off",
+        t.compile,
+        mixed_precision if mixed_precision != "no" else "float32",
+    )
+    return ranks
+
+
 def _train_prepared(
     job: MemberJob, accelerator: Any, model: torch.nn.Module, mixed_precision: str, stop: StopRequest | None
 ) -> dict[str, Any]:
@@ -236,15 +280,7 @@ def _train_prepared(
             _compile_in_place(accelerator, model)
         steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
         total_steps = t.max_steps or steps_per_epoch * t.num_epochs
-        if t.warmup_steps >= total_steps:
-            logger.warning(
-                "%s: train.warmup_steps=%d >= the %d optimizer steps of this run: the learning rate "
-                "never reaches train.lr=%g",
-                spec.name,
-                t.warmup_steps,
-                total_steps,
-                t.lr,
-            )
+        _warn_warmup(spec.name, t, total_steps)
         # prepare_scheduler, not prepare: under DeepSpeed, prepare() of a lone scheduler returns it
         # unregistered, and save_state would then leave it out of the checkpoints.
         scheduler = accelerator.prepare_scheduler(
@@ -263,23 +299,8 @@ def _train_prepared(
         accelerator.init_trackers(
             job.cfg.tracking.project, config={"member.seed": spec.seed, **flat_config(job.cfg)}
         )
-        ranks = accelerator.gather(torch.tensor([launch_info().rank], device=accelerator.device)).tolist()
-        logger.info(
-            "%s (seed %d) on rank(s) %s%s: %d blocks of %d tokens, %d optimizer steps; %.3g FLOPs/token, "
-            "peak %s TFLOP/s per device (%s); torch.compile %s (train.compile=%s), precision %s",
-            spec.name,
-            spec.seed,
-            ranks,
-            f" with ZeRO-{job.zero.stage}" if job.zero else "",
-            len(loader.dataset),
-            job.data.block_size,
-            total_steps,
-            job.flops_per_token,
-            f"{peak:.3g}" if peak else "?",
-            peak_source,
-            "on" if job.compile_model else "off",
-            t.compile,
-            mixed_precision if mixed_precision != "no" else "float32",
+        ranks = _announce(
+            job, accelerator, len(loader.dataset), total_steps, (peak, peak_source), mixed_precision
         )
         loop = _Loop(job, accelerator, model, optimizer, loader, scheduler, progress, checkpoints)
         summary = loop.run(
