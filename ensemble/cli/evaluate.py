@@ -21,7 +21,7 @@ from ensemble.cli.common import (
 )
 from ensemble.config.loading import apply_override, config_from_dict
 from ensemble.config.schema import ExperimentConfig
-from ensemble.core.paths import CONFIG, RunPaths
+from ensemble.core.paths import CONFIG, RunPaths, check_run_dir
 from ensemble.errors import ConfigError, EnsembleError
 
 
@@ -141,8 +141,8 @@ def resolve_evaluation(
     replaced its data (weights and temperatures are fitted on the run's validation split), split,
     output dir)."""
     source = run_or_members(args)
-    if isinstance(source, str) and not Path(source).is_dir():  # said before torch is imported
-        raise EnsembleError(f"run directory {source} not found; pass the output.dir of a training run")
+    if isinstance(source, str):
+        check_run_dir(source)  # said before torch is imported
     from ensemble.core.members import member_dirs
 
     member_paths = member_dirs(source)

@@ -22,7 +22,7 @@ import torch
 from ensemble.config.schema import ExperimentConfig, ModelConfig
 from ensemble.core.architecture import build_config
 from ensemble.core.hub import require_local_or_hub
-from ensemble.core.paths import CONFIG, MEMBER_DIR_RE, MEMBER_INFO, RunPaths
+from ensemble.core.paths import CONFIG, MEMBER_DIR_RE, MEMBER_INFO, RunPaths, check_run_dir
 from ensemble.core.provenance import environment, library_versions
 from ensemble.errors import EnsembleError, first_line
 from ensemble.files import atomic_directory, atomic_write_json, atomic_write_text, read_record
@@ -266,9 +266,7 @@ def member_dirs(source: str | Path | Sequence[str | Path]) -> list[Path]:
     """The member directories an ensemble is made of: a run directory's finished members, or
     the given member directories; refused, with the fix, when there are none or one is missing."""
     if isinstance(source, (str, Path)):
-        run = Path(source)
-        if not run.is_dir():
-            raise EnsembleError(f"run directory {run} not found; pass the output.dir of a training run")
+        run = check_run_dir(source)
         if is_complete_member(run):
             logger.warning("%s is one member directory: an ensemble of one member", run)
             return [run]

@@ -84,10 +84,18 @@ class RunPaths:
         return self.root / RESULTS_MD
 
 
+def check_run_dir(root: str | Path) -> Path:
+    """``root`` as a Path, refused with the fix when it is not a directory (torch-free, so
+    that a mistyped path is reported in a fraction of a second)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EnsembleError(f"run directory {root} not found; pass the output.dir of a training run")
+    return root
+
+
 def run_config(paths: RunPaths, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """The run's config.yaml with ``overrides`` applied."""
-    if not paths.root.is_dir():
-        raise EnsembleError(f"run directory {paths.root} not found; pass the output.dir of a training run")
+    check_run_dir(paths.root)
     if not paths.config.is_file():
         raise EnsembleError(
             f"{paths.root} has no config.yaml; pass the output.dir of a run trained with launch/train.py"

@@ -86,7 +86,6 @@ class Evaluation:
     """Loads a split of a data config in every process (the out-of-domain sets)."""
     tokens: TokenWriter | None = None
     """This process's per-token writer, when an export was asked for."""
-    tokens_finished: bool = False
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -122,6 +121,12 @@ class Evaluation:
         if name in self.boot:
             out["ci95"] = self.boot[name]
         return out
+
+    @cached_property
+    def tokens_file(self) -> Path:
+        """The per-token export, its processes' parts joined into one file (done once, by
+        whichever section reads it first)."""
+        return self.tokens.finish(-(-len(self.blocks) // self.cfg.per_device_batch_size))
 
     @cached_property
     def member_entropy(self) -> dict[str, float]:

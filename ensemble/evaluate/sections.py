@@ -398,8 +398,7 @@ def _first_writes(ev: Evaluation) -> bool:
 
 def _html(ev: Evaluation) -> str:
     """The HTML view, made from the per-token export (the first process assembles the parts)."""
-    tokens_path = ev.outputs.tokens_path
-    _finish_tokens(ev)
+    tokens_path = ev.tokens_file
     write_html(
         tokens_path,
         ev.outputs.html,
@@ -412,15 +411,7 @@ def _html(ev: Evaluation) -> str:
 
 
 def _tokens_out(ev: Evaluation) -> str:
-    _finish_tokens(ev)
-    return str(ev.outputs.tokens_out)
-
-
-def _finish_tokens(ev: Evaluation) -> None:
-    """Joins the processes' parts of the export into one file (once)."""
-    if not ev.tokens_finished:
-        ev.tokens.finish(-(-len(ev.blocks) // ev.cfg.per_device_batch_size))
-        ev.tokens_finished = True
+    return str(ev.tokens_file)
 
 
 SECTIONS: dict[str, Section] = {
