@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble.config.schema import EvalConfig, ExperimentConfig, ModelConfig
+from ensemble.config.schema import DataConfig, EvalConfig, ExperimentConfig, ModelConfig
 from ensemble.core.combining import fit_mixture_weights, mixture_nll
 from ensemble.core.data import EvalBlocks
 from ensemble.core.loading import load_members
@@ -429,6 +429,36 @@ def test_a_combiner_registered_in_one_place_is_scored_and_reported(byte_members,
     assert saved["combiners"]["max_prob"]["nll"] == pytest.approx(results["combiners"]["max_prob"]["nll"])
     assert "ci95" in saved["combiners"]["max_prob"]
     assert "| Ensemble (max probability) | " in (tmp_path / "results.md").read_text()
+
+
+def test_evaluate_writes_the_document_it_returns(byte_members, tmp_path, monkeypatch):
+    from ensemble.core.data import PreparedData
+    from ensemble.core.results import fitted_weights, read_results
+    from ensemble.evaluate import evaluator
+    from ensemble.evaluate.context import EvalOutputs
+
+    g = torch.Generator().manual_seed(4)
+    streams = {s: torch.randint(0, 259, (32 * 3,), generator=g).numpy() for s in ("validation", "test")}
+    data = evaluator.EvalData(DataConfig(), "test", prepared=PreparedData(streams, 32, "in memory"))
+    cfg = EvalConfig(per_device_batch_size=2, combiners=["mean_prob", "weighted"], bootstrap_samples=0)
+    out = tmp_path / "eval"
+    results = evaluator.evaluate(byte_members, data, cfg, out, "cpu")
+    assert read_results(out / "results.json") == json.loads(json.dumps(results))
+    assert results["data"]["tokens"] == 96 and results["split"] == "test"
+    assert sum(fitted_weights(results)) == pytest.approx(1.0)  # fitted on the validation stream
+    assert "| Ensemble (mean probability) |" in (out / "results.md").read_text()
+    # an export without the uncertainty pass is refused before any member is loaded
+    monkeypatch.setattr(evaluator, "load_members", lambda *a, **k: pytest.fail("members loaded"))
+    with pytest.raises(EnsembleError, match="need eval.uncertainty=true"):
+        evaluator.evaluate(
+            byte_members,
+            data,
+            EvalConfig(uncertainty=False),
+            tmp_path / "refused",
+            "cpu",
+            outputs=EvalOutputs(tokens_out=tmp_path / "t.parquet"),
+        )
+    assert not (tmp_path / "refused").exists()
 
 
 def test_members_with_different_tokenizers_are_refused(byte_members, gpt2_tokenizer_dir, tmp_path):
