@@ -136,8 +136,13 @@ def _score(logits, y, blocks, weights, samples=40, chunk=70, mode="fixups") -> S
         BootstrapPlan(samples, 5),
         **MODES[mode],
     )
+    return feed(scorer, logits, y, blocks, chunk)
+
+
+def feed(scorer: Scorer, logits, y, blocks, chunk: int) -> Scorer:
+    """Scores the positions as one batch, ``chunk`` positions at a time, as the evaluator feeds them."""
     scorer.begin_batch(int(blocks.max()) + 1, "cpu")
-    for s in range(0, len(y), chunk):  # in chunks, as the evaluator feeds it
+    for s in range(0, len(y), chunk):
         scorer.score(
             [torch.from_numpy(x[s : s + chunk]) for x in logits],
             torch.from_numpy(y[s : s + chunk]),

@@ -16,7 +16,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 
 from ensemble.cli.evaluate import evaluate_main
 from ensemble.config.schema import EvalConfig, ModelConfig
@@ -30,7 +29,7 @@ from ensemble.evaluate.selective import BINS, SCORES, RiskCoverage
 from ensemble.evaluate.stream import Collect, evaluate_members
 from ensemble.evaluate.token_export import TokenWriter, write_html
 
-from .test_evaluation import MODES, _tiny_member, make_synthetic, softmax64
+from .test_evaluation import MODES, _tiny_member, feed, make_synthetic, softmax64
 
 # --------------------------------------------------------------------------------------------
 # Brute force
@@ -82,15 +81,7 @@ def score_chunks(logits, y, blocks, mode: str = "fixups", chunk: int = 70, **kw)
     names = [f"m{i}" for i in range(len(logits))]
     scorer = Scorer(names, ["mean_prob", "mean_logit"], Fitted.none(len(logits)), **MODES[mode], **kw)
     scorer.keep_blocks(int(blocks.max()) + 1)
-    scorer.begin_batch(int(blocks.max()) + 1, "cpu")
-    for s in range(0, len(y), chunk):
-        scorer.score(
-            [torch.from_numpy(x[s : s + chunk]) for x in logits],
-            torch.from_numpy(y[s : s + chunk]),
-            torch.from_numpy(blocks[s : s + chunk]),
-        )
-    scorer.end_batch(0)
-    return scorer
+    return feed(scorer, logits, y, blocks, chunk)
 
 
 def brute_expected_risks(u: np.ndarray, correct: np.ndarray) -> np.ndarray:

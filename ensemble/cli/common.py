@@ -116,6 +116,28 @@ def guarded(
     return run
 
 
+def command_parser(
+    prog: str, description: str, examples: Sequence[str] = (), notes: str = ""
+) -> argparse.ArgumentParser:
+    """A command's parser, whose help keeps the line breaks of ``description`` and of the
+    epilog: the ``examples`` (one command line each), then ``notes``."""
+    lines = ["examples:", *(f"  {e}" for e in examples)] if examples else []
+    return argparse.ArgumentParser(
+        prog=prog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=description,
+        epilog="\n".join([*lines, notes]) if notes else "\n".join(lines),
+    )
+
+
+def exit_statuses(saved: str, resume_note: str = "") -> str:
+    """The exit statuses of a command that trains (and so can be preempted)."""
+    return (
+        f"Exit status: 0 done; 2 a mistake in the input (one error line); {PREEMPTED_EXIT} stopped by "
+        f"SIGTERM/SIGUSR1 or Ctrl-C after saving {saved} (continue with --resume auto{resume_note})."
+    )
+
+
 def add_processes_option(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("several processes (instead of torchrun or accelerate launch)")
     g.add_argument(

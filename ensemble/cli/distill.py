@@ -7,23 +7,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from ensemble.cli.common import add_processes_option, exit_with, guarded, relaunched, setup_logging
+from ensemble.cli.common import (
+    add_processes_option,
+    command_parser,
+    exit_statuses,
+    exit_with,
+    guarded,
+    relaunched,
+    setup_logging,
+)
 from ensemble.config.docs import describe
 from ensemble.core.paths import RunPaths, run_config
-from ensemble.errors import PREEMPTED_EXIT, ConfigError
+from ensemble.errors import ConfigError
 
 
 def distill_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="launch/distill.py",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Distil a run's finished members into one student, then evaluate it with them.\n\n"
-        f"Exit status: 0 done; 2 a mistake in the input (one error line); {PREEMPTED_EXIT} stopped by "
-        "SIGTERM/SIGUSR1 or Ctrl-C after saving a checkpoint (continue with --resume auto).",
-        epilog="examples:\n"
-        "  python launch/distill.py runs/tiny\n"
-        "  accelerate launch --config_file configs/accelerate/cpu.yaml launch/distill.py runs/tiny\n"
-        "  python launch/distill.py runs/tiny distill.alpha=0.5 distill.config='{n_layer: 1}'\n"
+    p = command_parser(
+        "launch/distill.py",
+        "Distil a run's finished members into one student, then evaluate it with them.\n\n"
+        + exit_statuses("a checkpoint"),
+        [
+            "python launch/distill.py runs/tiny",
+            "accelerate launch --config_file configs/accelerate/cpu.yaml launch/distill.py runs/tiny",
+            "python launch/distill.py runs/tiny distill.alpha=0.5 distill.config='{n_layer: 1}'",
+        ],
         "overrides: the run's config.yaml applies; distill.*, train.* (the student's budget; default:\n"
         "the members'), eval.*, checkpoint.* and tracking.* may be overridden.\n\n"
         "Config keys (defaults):\n" + describe(),

@@ -13,6 +13,7 @@ import yaml
 
 from ensemble.cli.common import (
     add_processes_option,
+    command_parser,
     exit_with,
     guarded,
     relaunched,
@@ -66,15 +67,15 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="launch/evaluate.py",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Evaluate members and their ensemble (mean of the members' probabilities).",
-        epilog="examples:\n"
-        "  launch/evaluate.py runs/tiny                       # the run's test split\n"
-        "  launch/evaluate.py runs/tiny --data book.txt       # a local file, whole\n"
-        "  launch/evaluate.py --members a/ b/ --config c.yaml --output out/\n"
-        "  launch/evaluate.py runs/tiny --ood other.txt --tokens-out tokens.parquet --html view.html\n"
+    p = command_parser(
+        "launch/evaluate.py",
+        "Evaluate members and their ensemble (mean of the members' probabilities).",
+        [
+            "launch/evaluate.py runs/tiny                       # the run's test split",
+            "launch/evaluate.py runs/tiny --data book.txt       # a local file, whole",
+            "launch/evaluate.py --members a/ b/ --config c.yaml --output out/",
+            "launch/evaluate.py runs/tiny --ood other.txt --tokens-out tokens.parquet --html view.html",
+        ],
         "overrides: data.* and eval.* keys, e.g. eval.per_device_batch_size=8",
     )
     p.add_argument(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from ensemble.cli.common import exit_with, guarded, run_or_members, setup_logging
+from ensemble.cli.common import command_parser, exit_with, guarded, run_or_members, setup_logging
 from ensemble.errors import EnsembleError
 
 
@@ -40,14 +40,14 @@ def _add_ensemble_options(p: argparse.ArgumentParser) -> None:
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="launch/generate.py",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Continue prompts with the ensemble (one KV cache per member), streamed.",
-        epilog="examples:\n"
-        "  launch/generate.py runs/tiny --prompt 'The list type'\n"
-        "  launch/generate.py runs/tiny --prompt 'x = ' --sample --top-p 0.9 --seed 1 --show-uncertainty\n"
-        "  launch/generate.py --members a/ b/ --prompts-file prompts.txt --num-beams 4 --output out.jsonl",
+    p = command_parser(
+        "launch/generate.py",
+        "Continue prompts with the ensemble (one KV cache per member), streamed.",
+        [
+            "launch/generate.py runs/tiny --prompt 'The list type'",
+            "launch/generate.py runs/tiny --prompt 'x = ' --sample --top-p 0.9 --seed 1 --show-uncertainty",
+            "launch/generate.py --members a/ b/ --prompts-file prompts.txt --num-beams 4 --output out.jsonl",
+        ],
     )
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory written by launch/train.py")
     p.add_argument("--members", nargs="+", metavar="DIR", help="member directories (instead of a run)")

@@ -10,21 +10,27 @@ from typing import NoReturn
 
 import yaml
 
-from ensemble.cli.common import add_processes_option, exit_with, guarded, relaunched, setup_logging
+from ensemble.cli.common import (
+    add_processes_option,
+    command_parser,
+    exit_statuses,
+    exit_with,
+    guarded,
+    relaunched,
+    setup_logging,
+)
 from ensemble.config.docs import describe
 from ensemble.config.loading import load_config
 from ensemble.config.schema import ExperimentConfig
-from ensemble.errors import PREEMPTED_EXIT, ConfigError
+from ensemble.errors import ConfigError
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="launch/train.py",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train seeded members and evaluate their ensemble.\n\nExit status: 0 done; 2 a "
-        f"mistake in the input (one error line); {PREEMPTED_EXIT} stopped by SIGTERM/SIGUSR1 or Ctrl-C "
-        "after saving checkpoints (continue with --resume auto; Ctrl-C twice stops at once).",
-        epilog="overrides: dotted section.key=value pairs, values parsed as YAML.\n\n"
+    p = command_parser(
+        "launch/train.py",
+        "Train seeded members and evaluate their ensemble.\n\n"
+        + exit_statuses("checkpoints", "; Ctrl-C twice stops at once"),
+        notes="overrides: dotted section.key=value pairs, values parsed as YAML.\n\n"
         "Config keys (defaults):\n" + describe(),
     )
     p.add_argument("--config", help="YAML experiment config (see configs/)")
