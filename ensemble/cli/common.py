@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -66,6 +67,10 @@ def setup_logging() -> None:
     transformers.logging.set_verbosity_warning()
     transformers.utils.logging.disable_progress_bar()  # per-file weight load/save bars are noise here
     logging.getLogger("transformers.modeling_utils").addFilter(_DefaultLossNote())
+    # PEFT (adapter members) calls a transformers method transformers deprecates: not the user's to fix
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     datasets.logging.set_verbosity_warning()
     if not main or not sys.stderr.isatty():  # off a terminal, bar redraws only fill the log
         datasets.disable_progress_bars()

@@ -118,6 +118,37 @@ class ModelConfig:
 
 
 @dataclass
+class AdapterConfig:
+    method: Literal["lora"] | None = None
+    """Train each member as a small adapter on one frozen pretrained model (`model.name_or_path`)
+    instead of fine-tuning all its weights: `lora` (PEFT's LoRA). Empty: every weight is trained.
+    A member's seed sets its adapter's initialisation, its data order and its dropout."""
+
+    r: int = 8
+    """The rank of each adapter's update B·A."""
+
+    alpha: float = 16.0
+    """The update's scale is alpha / r."""
+
+    dropout: float = 0.05
+    """Dropout on each adapted layer's input, in training."""
+
+    target_modules: list[str] = field(default_factory=list)
+    """The base's layers that get an adapter, by name or name suffix (GPT-2: `c_attn`, `c_proj`,
+    `c_fc`; llama: `q_proj`, `v_proj`, ...). Empty: PEFT's default for the architecture."""
+
+    def validate(self) -> None:
+        if self.method is None:
+            return
+        if self.r < 1:
+            raise ConfigError(f"adapter.r={self.r} must be at least 1")
+        if not self.alpha > 0:
+            raise ConfigError(f"adapter.alpha={self.alpha} must be positive")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"adapter.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
 class DataConfig:
     dataset: str | None = None
     """Hub dataset name (`lonestar108/enlightenedllm`), a local directory written by
@@ -553,6 +584,9 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The member architecture and tokenizer."""
 
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """Members as adapters on one frozen pretrained model (LoRA), instead of full fine-tunes."""
+
     data: DataConfig = field(default_factory=DataConfig)
     """Where the text comes from and how it becomes blocks of tokens."""
 
@@ -585,6 +619,11 @@ class ExperimentConfig:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        if self.adapter.method and not self.model.name_or_path:
+            raise ConfigError(
+                f"adapter.method={self.adapter.method} adapts a pretrained model, but model.name_or_path "
+                "is empty; set model.name_or_path to the base model (a Hub name or a saved directory)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from ensemble.core.adapters import adapter_base, is_adapter_member, load_adapter_ensemble
 from ensemble.core.members import read_member_info, verify_weights
 from ensemble.errors import EnsembleError, first_line
 
@@ -34,27 +35,11 @@ def load_members(
     """Load member directories (the weights only of members in ``hold``; all when None) and
     check that they form an ensemble: one tokenizer, one vocabulary. The error names the member
     that does not fit."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if not paths:
         raise EnsembleError("no finished members to evaluate; train some first or pass member directories")
-    members = []
-    for i, path in enumerate(paths):
-        path = Path(path)
-        info = read_member_info(path)
-        name = info.get("name", path.name)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            config = AutoConfig.from_pretrained(path)
-            model = None
-            if hold is None or i in hold:
-                verify_weights(path, info)
-                model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            raise EnsembleError(
-                f"cannot load member {name} ({path}): {first_line(e)}; re-train or remove it"
-            ) from None
-        members.append(LoadedMember(path, name, info.get("seed"), tokenizer, config, model))
+    loaded = [_load_member(Path(p), device, hold is None or i in hold) for i, p in enumerate(paths)]
+    members = [m for m, _ in loaded]
+    _attach_adapters([(m, info) for m, info in loaded if info is not None], device)
     _unique_names(members)
     ref = members[0]
     for m in members[1:]:
@@ -66,6 +51,41 @@ def load_members(
             fix="ensemble members must share one tokenizer and vocabulary",
         )
     return members
+
+
+def _load_member(
+    path: Path, device: torch.device | str, weights: bool
+) -> tuple[LoadedMember, dict[str, Any] | None]:
+    """One member's tokenizer and config, and its model when ``weights``; an adapter member's
+    model comes later, on the base it shares with the others (then its member.json is returned
+    beside it, for :func:`_attach_adapters`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    info = read_member_info(path)
+    name = info.get("name", path.name)
+    adapter = is_adapter_member(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(adapter_base(path) if adapter else path)
+        model = None
+        if weights:
+            verify_weights(path, info)
+            if not adapter:
+                model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise EnsembleError(
+            f"cannot load member {name} ({path}): {first_line(e)}; re-train or remove it"
+        ) from None
+    member = LoadedMember(path, name, info.get("seed"), tokenizer, config, model)
+    return member, (info if adapter and weights else None)
+
+
+def _attach_adapters(pending: list[tuple[LoadedMember, dict[str, Any]]], device: torch.device | str) -> None:
+    """The held adapter members' models: views of one base, loaded once."""
+    if pending:
+        views = load_adapter_ensemble([m.path for m, _ in pending], [info for _, info in pending], device)
+        for (m, _), view in zip(pending, views, strict=True):
+            m.model = view
 
 
 def check_same_vocabulary(

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ensemble.config.schema import ExperimentConfig, ModelConfig
+from ensemble.config.schema import AdapterConfig, ExperimentConfig, ModelConfig
 from ensemble.core.architecture import build_config
 from ensemble.core.hub import require_local_or_hub
 from ensemble.core.paths import CONFIG, MEMBER_DIR_RE, MEMBER_INFO, RunPaths, check_run_dir
@@ -95,9 +95,12 @@ def fit_model_config(cfg: ModelConfig, model_config: Any, tokenizer: Any) -> Any
     )
 
 
-def build_model(cfg: ModelConfig, model_config: Any, seed: int) -> torch.nn.Module:
+def build_model(
+    cfg: ModelConfig, model_config: Any, seed: int, adapter: AdapterConfig | None = None
+) -> torch.nn.Module:
     """A fresh member: pretrained weights, or a new model whose initialisation draws from a
-    generator seeded with the member's seed (and from nothing else)."""
+    generator seeded with the member's seed (and from nothing else); with ``adapter.method``,
+    the pretrained model frozen under a new adapter seeded likewise."""
     from transformers import AutoModelForCausalLM
 
     # fork_rng restores the process RNG afterwards, so building one member cannot shift the
@@ -108,6 +111,10 @@ def build_model(cfg: ModelConfig, model_config: Any, seed: int) -> torch.nn.Modu
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=model_config)
         else:
             model = AutoModelForCausalLM.from_config(model_config)
+    if adapter is not None and adapter.method:
+        from ensemble.core.adapters import attach_adapter
+
+        return attach_adapter(model, adapter, seed, cfg.name_or_path)
     return model
 
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 CONFIG = "config.yaml"  # a run's resolved config, and the config a member was trained with
 MANIFEST = "manifest.json"
 MEMBER_INFO = "member.json"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: marks an adapter member (see core/adapters.py)
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 STUDENT = "student"  # the distilled student's name: its role, its directory in the run

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 
+from ensemble.core.adapters import is_adapter_member, merged_model
 from ensemble.core.paths import CONFIG
 from ensemble.errors import EnsembleError, first_line
 from ensemble.files import atomic_directory, atomic_write_json
@@ -59,12 +60,17 @@ def soup_reason(members: list[Path]) -> str | None:
 def make_soup(members: list[Path]) -> torch.nn.Module:
     """The uniform average of the members' floating-point weights (summed in float64, so that the
     soup of identical members is that member, bit for bit), as a model in eval mode on the CPU;
-    other tensors (integer buffers) are the first member's."""
+    other tensors (integer buffers) are the first member's. Adapter members are averaged as
+    merged models: the base plus the mean of their updates."""
     from transformers import AutoModelForCausalLM
 
     def load(path: Path) -> torch.nn.Module:
         try:
-            return AutoModelForCausalLM.from_pretrained(path)
+            # an adapter member with its update merged: the soup averages the updates B·A (an
+            # average of the A and B factors separately is not the average of their products)
+            return (
+                merged_model(path) if is_adapter_member(path) else AutoModelForCausalLM.from_pretrained(path)
+            )
         except (OSError, ValueError) as e:
             raise EnsembleError(f"cannot load member {path} for the soup ({first_line(e)})") from None
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ensemble.config.schema import ConfigError, ExperimentConfig
+from ensemble.config.schema import AdapterConfig, ConfigError, ExperimentConfig
 from ensemble.core.architecture import context_length, resolve_block_size
 from ensemble.core.combining import MeanProb
 from ensemble.core.data import PreparedData, prepare_data
@@ -370,7 +370,8 @@ def student_model(cfg: ExperimentConfig, teachers: list[LoadedMember]) -> tuple[
         fix="the student must share the members' tokenizer and vocabulary",
         against="the members",
     )
-    return dataclasses.replace(cfg, model=student), model_config, tokenizer
+    # the student is one full model, also when the members are adapters on a shared base
+    return dataclasses.replace(cfg, model=student, adapter=AdapterConfig()), model_config, tokenizer
 
 
 def _training_data(

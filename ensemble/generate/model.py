@@ -16,11 +16,12 @@ its weights are, and its log-probabilities are combined on the first member's de
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,12 +29,18 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ensemble.core.adapters import AdapterView
 from ensemble.core.architecture import context_length
 from ensemble.core.combining import COMBINERS, HEADLINE, Combiner
 from ensemble.core.paths import RunPaths
 from ensemble.core.results import fitted_weights, member_temperatures, read_results
 from ensemble.core.uncertainty import Decomposition, Uncertainty
 from ensemble.errors import EnsembleError, did_you_mean
+
+if TYPE_CHECKING:
+    from ensemble.core.loading import LoadedMember
+
+logger = logging.getLogger(__name__)
 
 # transformers 5.2x renamed the KV-cache argument and output field from `past_key_values` to
 # `cache`; the ensemble speaks the name of the installed version to its members and to generate().
@@ -125,6 +132,11 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         self._log_weights = None if config.weights is None else np.log(np.asarray(config.weights))
         self._recorders: list[list[Uncertainty]] = []
         self.post_init()
+
+    def initialize_weights(self) -> None:
+        """Nothing to initialise: the members come trained. (post_init would otherwise
+        re-initialise every member module transformers did not itself load, such as PEFT's
+        adapter layers.)"""
 
     @classmethod
     def from_pretrained(
@@ -264,6 +276,18 @@ def combiner_named(name: str) -> Combiner:
     return COMBINERS[name]
 
 
+def _with_shared_bases(loaded: list[LoadedMember], placement: list[torch.device]) -> list[torch.device]:
+    """Adapter members sharing one base sit on one device: the first one's."""
+    first: dict[int, torch.device] = {}
+    out = []
+    for m, device in zip(loaded, placement, strict=True):
+        shared = m.model.shared if isinstance(m.model, AdapterView) else None
+        out.append(first.setdefault(id(shared), device) if shared is not None else device)
+    if out != placement:
+        logger.info("adapter members on one base share its device: %s", ", ".join(map(str, out)))
+    return out
+
+
 def resolve_devices(devices: str | Sequence[str] | None, members: int) -> list[torch.device]:
     """One device per member. ``None``: the first GPU, else the CPU; ``"auto"``: members spread
     round-robin over the visible GPUs (the CPU without any); one device: all members there; a
@@ -387,6 +411,7 @@ def load_ensemble(
         temperatures = [1.0] * len(names)
     if spec.fitted:
         fitted = _check_weights(list(weights) if weights is not None else fitted, combiner, names, run_dir)
+    placement = _with_shared_bases(loaded, placement)
     dtype = _resolve_dtype(dtype, placement)
     # Frozen: scoring without torch.no_grad() then records no graph through the members' weights
     # (the combination is still differentiable, see combining._into, for who unfreezes them).

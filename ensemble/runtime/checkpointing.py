@@ -105,6 +105,8 @@ def trajectory_config(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
     full["model"] = model
     for section in ("model", "data", "train"):
         walk(section, full[section])
+    if cfg.adapter.method:  # (full fine-tunes never recorded the section)
+        walk("adapter", full["adapter"])
     flat["members.seed"] = seed
     return flat
 

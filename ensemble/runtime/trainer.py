@@ -127,7 +127,7 @@ def train_member(job: MemberJob, stop: StopRequest | None = None) -> dict[str, A
     # Built before the Accelerator: once a ZeRO-3 plugin is registered, transformers would build
     # under zero.Init, which initialises differently, and the member would no longer equal its
     # single-process twin. Every rank builds the same full model from the seed; DeepSpeed shards it.
-    model = build_model(job.cfg.model, job.model_config, job.spec.seed)
+    model = build_model(job.cfg.model, job.model_config, job.spec.seed, job.cfg.adapter)
     accelerator = Accelerator(
         **accelerator_kwargs(deepspeed=job.zero is not None, timeout_s=job.cfg.parallel.timeout_s),
         deepspeed_plugin=make_plugin(job.zero, job.cfg) if job.zero else None,

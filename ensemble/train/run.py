@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ensemble.config.schema import ExperimentConfig
+from ensemble.core.adapters import base_record, check_adapter, check_base
 from ensemble.core.architecture import count_parameters, resolve_block_size
 from ensemble.core.data import PreparedData, iter_texts, load_splits, prepare_data
 from ensemble.core.members import (
@@ -77,11 +78,13 @@ def train_run(
     try:
         worlds.join("run", launch_info().rank, launch_info().world_size)
         setup = check_run(cfg, zero, resume, only)  # every cheap check, before any data
+        base = base_record(cfg.model.name_or_path) if cfg.adapter.method else None
         tokenizer, data = prepare_run_data(cfg, setup, worlds, resume)
         for start in setup.plan.start.values():
-            check_training_data(
-                start, read_checkpoint_info(start), data.fingerprint["splits"]["train"]["sha256"]
-            )
+            info = read_checkpoint_info(start)
+            check_training_data(start, info, data.fingerprint["splits"]["train"]["sha256"])
+            if base:
+                check_base(f"checkpoint {start}", info.get("base"), base, "resume on that base")
         model_config = fit_model_config(cfg.model, setup.base_config, tokenizer)
         flops = flops_per_token(model_config, setup.block_size)  # before any DeepSpeed plugin exists
         run_info = prepare_output_dir(cfg, setup, data, resume, only)
@@ -98,6 +101,7 @@ def train_run(
                 zero=zero,
                 run_id=run_info["run_id"],
                 resume_from=setup.plan.start.get(spec.index),
+                record={"base": base} if base else {},
             )
             for spec in setup.selected
         ]
@@ -151,6 +155,8 @@ def check_run(
         )
     check_output_dir(paths, cfg.output.overwrite, resume)
     base_config = load_model_config(cfg.model)
+    if cfg.adapter.method:
+        check_adapter(cfg.adapter, base_config)
     block_size = resolve_block_size(cfg, base_config)
     layout = plan_layout(
         cfg.parallel,
