@@ -323,3 +323,25 @@ def test_generation_with_adapter_members_equals_generation_with_them_merged(run,
         outputs.append((scores, ids))
     torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-5, atol=1e-5)
     assert torch.equal(outputs[0][1], outputs[1][1])
+
+
+def test_one_forward_pass_gives_each_adapter_members_own_hidden_states(run, monkeypatch):
+    from ensemble.core import adapters
+    from ensemble.core.heads import ChunkedHead, hidden_states_of
+
+    members = load_members(_members(run), "cpu")
+    parts = {i: ChunkedHead.of(m.model, 50, "float32", torch.device("cpu")) for i, m in enumerate(members)}
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 250, (3, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 30:] = 0  # a padded row
+    calls = []
+    batched = adapters.batched_hidden_states
+    monkeypatch.setattr(adapters, "batched_hidden_states", lambda *a: calls.append(a) or batched(*a))
+    with torch.no_grad():
+        states = hidden_states_of(parts, ids, mask)
+        assert len(calls) == 1  # both members in one pass
+        for i, part in parts.items():
+            own = part.hidden_states(ids, mask)  # this member alone, through its view's body
+            torch.testing.assert_close(states[i], own, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(states[0], states[1])

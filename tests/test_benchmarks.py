@@ -74,3 +74,19 @@ def test_gpu_benchmark_reports_every_figure_and_ratio(tmp_path, shared_data: Pat
     ):
         verdict = "met" if ratios[label] >= target else "NOT met"
         assert f"- {label}: {ratios[label]:.2f} (target >= {target}: {verdict})" in proc.stdout
+
+
+def test_adapter_benchmark_reports_memory_and_speed(tmp_path, shared_data: Path):
+    out = tmp_path / "adapters.json"
+    cmd = [PYTHON, "benchmarks/adapters.py", "--size", "tiny", "--members", "2", "3", "--batches", "1",
+           "--batch", "2", "--block", "64", "--tokenizer", str(shared_data / "gpt2-tokenizer"), "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    figures = json.loads(out.read_text())
+    assert [row["members"] for row in figures["rows"]] == [2, 3]
+    for row in figures["rows"]:
+        m, n = row["memory"], row["members"]
+        assert m["full_members_bytes"] == n * m["one_full_member_bytes"]  # N full copies
+        assert m["one_full_member_bytes"] < m["adapters_bytes"] < 1.2 * m["one_full_member_bytes"]
+        assert all(v > 0 for v in row["member_tokens_per_s"].values())
+        assert f"| {n} | {m['adapters_vs_one_member']}x | {m['full_vs_one_member']}x |" in proc.stdout

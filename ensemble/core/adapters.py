@@ -191,6 +191,26 @@ class AdapterView(torch.nn.Module):
         return self.shared.get_input_embeddings()
 
 
+def batched_hidden_states(
+    views: list[AdapterView], ids: torch.Tensor, attention_mask: torch.Tensor
+) -> list[torch.Tensor]:
+    """Each view's final hidden states for ``ids`` [batch, block], from one forward pass of the
+    shared body over the batch repeated once per view, each copy through its view's adapter
+    (PEFT's mixed-batch inference: ``adapter_names``, one per row)."""
+    shared = views[0].shared
+    if any(v.shared is not shared for v in views):
+        raise ValueError("batched_hidden_states needs views of one shared model")
+    n, rows = len(views), ids.shape[0]
+    names = [v.adapter for v in views for _ in range(rows)]
+    with shared.base_model._enable_peft_forward_hooks(adapter_names=names):
+        hidden = (
+            shared.get_base_model()
+            .base_model(ids.repeat(n, 1), attention_mask=attention_mask.repeat(n, 1), use_cache=False)
+            .last_hidden_state
+        )
+    return list(hidden.split(rows))
+
+
 class _AdapterBody(torch.nn.Module):
     def __init__(self, view: AdapterView) -> None:
         super().__init__()

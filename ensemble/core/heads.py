@@ -49,12 +49,14 @@ class ChunkedHead:
     chunk_tokens: int
     precision: str
     device: torch.device
+    model: torch.nn.Module | None = None
+    """The model the body and head are of (an adapter member's view: see :func:`hidden_states_of`)."""
 
     @classmethod
     def of(
         cls, model: torch.nn.Module, chunk_tokens: int, precision: str, device: torch.device
     ) -> ChunkedHead:
-        return cls(*body_and_head(model), chunk_tokens, precision, device)
+        return cls(*body_and_head(model), chunk_tokens, precision, device, model)
 
     def hidden_states(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The body's final hidden states [batch, block, width]."""
@@ -82,3 +84,27 @@ class ChunkedHead:
         with autocast(self.precision, self.device):
             logits = head(hidden)
         return logits if out is None else out.copy_(logits)
+
+
+def hidden_states_of(
+    parts: dict[int, ChunkedHead], ids: torch.Tensor, attention_mask: torch.Tensor
+) -> dict[int, torch.Tensor]:
+    """Every part's final hidden states for the batch ``ids``; adapter members of one base in
+    one forward pass (the batch repeated once per member, each copy through its own adapter)."""
+    from ensemble.core.adapters import AdapterView, batched_hidden_states
+
+    groups: dict[int, list[int]] = {}
+    for i, part in parts.items():
+        if isinstance(part.model, AdapterView):
+            groups.setdefault(id(part.model.shared), []).append(i)
+    states = {}
+    for members in groups.values():
+        if len(members) > 1:
+            first = parts[members[0]]
+            with autocast(first.precision, first.device):
+                views = [parts[i].model for i in members]
+                states.update(zip(members, batched_hidden_states(views, ids, attention_mask), strict=True))
+    for i, part in parts.items():
+        if i not in states:
+            states[i] = part.hidden_states(ids, attention_mask)
+    return states

@@ -28,7 +28,7 @@ from ensemble.config.schema import AdapterConfig, ConfigError, ExperimentConfig
 from ensemble.core.architecture import context_length, resolve_block_size
 from ensemble.core.combining import MeanProb
 from ensemble.core.data import PreparedData, prepare_data
-from ensemble.core.heads import ChunkedHead
+from ensemble.core.heads import ChunkedHead, hidden_states_of
 from ensemble.core.loading import LoadedMember, check_same_vocabulary, load_members
 from ensemble.core.members import (
     MemberSpec,
@@ -120,16 +120,19 @@ class Teacher:
             for i in sorted(sharding.members_held)
         }
 
-    def _member_logprobs(self, i: int, ids: torch.Tensor) -> list[torch.Tensor]:
-        """Member ``i``'s log-probabilities at temperature T [chunk, vocab] for each chunk of the
-        positions of ``ids`` [batch, block] that predict a next token, in (block, position) order."""
-        part = self.parts[i]
-        hidden = part.hidden_states(ids, torch.ones_like(ids))[:, :-1]
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        return [
-            torch.log_softmax(part.logits(hidden[span]).float() / self.temperature, dim=-1)
-            for span in part.spans(len(hidden))
-        ]
+    def _member_logprobs(self, ids: torch.Tensor) -> dict[int, list[torch.Tensor]]:
+        """Each held member's log-probabilities at temperature T [chunk, vocab] for each chunk of
+        the positions of ``ids`` [batch, block] that predict a next token, in (block, position)
+        order (adapter members of one base in one forward pass)."""
+        out = {}
+        for i, hidden in hidden_states_of(self.parts, ids, torch.ones_like(ids)).items():
+            part = self.parts[i]
+            hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+            out[i] = [
+                torch.log_softmax(part.logits(hidden[span]).float() / self.temperature, dim=-1)
+                for span in part.spans(len(hidden))
+            ]
+        return out
 
     @torch.no_grad()
     def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
@@ -138,7 +141,8 @@ class Teacher:
         ids = ids.to(self.device)
         if self.sharding.mode == "member" and self.collectives.active:
             return self._member_sharded(ids)
-        chunks = [self._member_logprobs(i, ids) for i in range(self.n)]
+        by_member = self._member_logprobs(ids)
+        chunks = [by_member[i] for i in range(self.n)]
         out = []
         for c in range(len(chunks[0])):
             mixture = MeanProb()
@@ -156,7 +160,7 @@ class Teacher:
         (i,) = self.parts
         mine = None
         for owner, batch in zip(column, batches, strict=True):
-            p = torch.cat(self._member_logprobs(i, batch)).exp_().div_(self.n)
+            p = torch.cat(self._member_logprobs(batch)[i]).exp_().div_(self.n)
             dist.reduce(p, dst=owner, group=group)  # the sum over members lands on the batch's process
             if owner == dist.get_rank():
                 mine = p

@@ -21,7 +21,7 @@ from ensemble.core.combining import (
     usable_combiners,
 )
 from ensemble.core.data import EvalBlocks, collate_eval
-from ensemble.core.heads import ChunkedHead
+from ensemble.core.heads import ChunkedHead, hidden_states_of
 from ensemble.core.loading import LoadedMember
 from ensemble.errors import EnsembleError
 from ensemble.evaluate.scoring import BootstrapPlan, Fitted, Scorer, Workspace, log_probs_of_targets
@@ -74,7 +74,7 @@ class MemberStream:
         mask = batch["target_mask"].to(device, non_blocking=True)
         targets = ids[:, 1:][mask]
         block_of = torch.arange(ids.shape[0], device=device)[:, None].expand_as(mask)[mask]
-        states = {i: part.hidden_states(ids, attention_mask)[:, :-1][mask] for i, part in self.parts.items()}
+        states = {i: h[:, :-1][mask] for i, h in hidden_states_of(self.parts, ids, attention_mask).items()}
         for span in next(iter(self.parts.values())).spans(len(targets)):
             rows = len(targets[span])
             if self.sharding.mode == "member":
