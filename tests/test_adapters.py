@@ -163,6 +163,33 @@ def test_a_resumed_adapter_member_is_bitwise_the_uninterrupted_one(
         ).read_bytes()
 
 
+def test_a_member_trained_after_another_on_the_shared_base_is_the_member_trained_alone(
+    base, tmp_path, datasets_cache, monkeypatch
+):
+    # Trained in one process, member-1 gets the base member-0 hands back (BaseCache) instead of
+    # loading it again; alone, it loads the base from disk. The two must not differ in a bit.
+    from transformers import AutoModelForCausalLM
+
+    loads: list[str] = []
+    load = AutoModelForCausalLM.from_pretrained
+
+    def counting(path: str, *args: object, **kwargs: object) -> torch.nn.Module:
+        loads.append(str(path))
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counting)
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    assert train_main([*_adapter_overrides(both, datasets_cache, base), "--no-eval"]) == 0
+    assert loads == [str(base)]  # once for both members
+    assert train_main([*_adapter_overrides(alone, datasets_cache, base), "--no-eval", "--member", "1"]) == 0
+    (only,) = _members(alone)
+    second = _members(both)[1]
+    assert only.name == second.name
+    assert (only / "adapter_model.safetensors").read_bytes() == (
+        second / "adapter_model.safetensors"
+    ).read_bytes()
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input: one line each, nothing half-written
 

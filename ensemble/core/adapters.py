@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,28 @@ def attach_adapter(base: torch.nn.Module, cfg: AdapterConfig, seed: int, base_pa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(base, config)
+
+
+class BaseCache:
+    """The base of the adapter members a process trains one after another, loaded from disk
+    once: each member takes it as loaded (on the CPU) and hands it back without its adapter.
+    Frozen, the base leaves a member's training as it came. (Not so under DeepSpeed, which casts
+    and shards the module it is given: no cache there.)"""
+
+    def __init__(self) -> None:
+        self._base: torch.nn.Module | None = None
+
+    def take(self, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        base, self._base = self._base, None
+        return base if base is not None else load()
+
+    def give_back(self, model: torch.nn.Module) -> None:
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            # on the CPU, as loaded: the next adapter is then initialised from the CPU generator,
+            # as it would be on a freshly loaded base
+            self._base = model.unload().to("cpu").eval()
 
 
 # --------------------------------------------------------------------------------------------

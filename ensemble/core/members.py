@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from ensemble.core.provenance import environment, library_versions
 from ensemble.errors import EnsembleError, first_line
 from ensemble.files import atomic_directory, atomic_write_json, atomic_write_text, read_record
 from ensemble.runtime.faults import inject
+
+if TYPE_CHECKING:
+    from ensemble.core.adapters import BaseCache
 
 logger = logging.getLogger(__name__)
 
@@ -96,22 +99,32 @@ def fit_model_config(cfg: ModelConfig, model_config: Any, tokenizer: Any) -> Any
 
 
 def build_model(
-    cfg: ModelConfig, model_config: Any, seed: int, adapter: AdapterConfig | None = None
+    cfg: ModelConfig,
+    model_config: Any,
+    seed: int,
+    adapter: AdapterConfig | None = None,
+    bases: BaseCache | None = None,
 ) -> torch.nn.Module:
     """A fresh member: pretrained weights, or a new model whose initialisation draws from a
     generator seeded with the member's seed (and from nothing else); with ``adapter.method``,
-    the pretrained model frozen under a new adapter seeded likewise."""
+    the pretrained model frozen under a new adapter seeded likewise (the model taken from
+    ``bases`` when it holds it)."""
     from transformers import AutoModelForCausalLM
 
+    adapted = adapter is not None and adapter.method is not None
     # fork_rng restores the process RNG afterwards, so building one member cannot shift the
     # random stream of the next.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if not cfg.model_type:
-            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=model_config)
+
+            def load() -> torch.nn.Module:
+                return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=model_config)
+
+            model = bases.take(load) if adapted and bases is not None else load()
         else:
             model = AutoModelForCausalLM.from_config(model_config)
-    if adapter is not None and adapter.method:
+    if adapted:
         from ensemble.core.adapters import attach_adapter
 
         return attach_adapter(model, adapter, seed, cfg.name_or_path)

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ensemble.config.schema import ExperimentConfig
+from ensemble.core.adapters import BaseCache
 from ensemble.core.data import PreparedData
 from ensemble.core.members import MemberSpec, build_model, save_member
 from ensemble.core.paths import RunPaths
@@ -68,6 +69,7 @@ class MemberJob:
     objective: Objective | None = None  # the loss of a batch; None: the causal LM's cross-entropy
     destination: Path | None = None  # where the finished model is saved; None: the member's directory
     record: dict[str, Any] = field(default_factory=dict)  # more for every checkpoint's record
+    bases: BaseCache | None = None  # adapter members: the base, loaded once per process
 
     @property
     def name(self) -> str:
@@ -127,7 +129,7 @@ def train_member(job: MemberJob, stop: StopRequest | None = None) -> dict[str, A
     # Built before the Accelerator: once a ZeRO-3 plugin is registered, transformers would build
     # under zero.Init, which initialises differently, and the member would no longer equal its
     # single-process twin. Every rank builds the same full model from the seed; DeepSpeed shards it.
-    model = build_model(job.cfg.model, job.model_config, job.spec.seed, job.cfg.adapter)
+    model = build_model(job.cfg.model, job.model_config, job.spec.seed, job.cfg.adapter, job.bases)
     accelerator = Accelerator(
         **accelerator_kwargs(deepspeed=job.zero is not None, timeout_s=job.cfg.parallel.timeout_s),
         deepspeed_plugin=make_plugin(job.zero, job.cfg) if job.zero else None,
@@ -153,6 +155,8 @@ def train_member(job: MemberJob, stop: StopRequest | None = None) -> dict[str, A
             tracker.finish()
         accelerator.free_memory()
         reset_accelerate_state()
+        if job.bases is not None:
+            job.bases.give_back(model)
 
 
 def _cpus_available() -> int:

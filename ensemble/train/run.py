@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ensemble.config.schema import ExperimentConfig
-from ensemble.core.adapters import base_record, check_adapter, check_base
+from ensemble.core.adapters import BaseCache, base_record, check_adapter, check_base
 from ensemble.core.architecture import count_parameters, resolve_block_size
 from ensemble.core.data import PreparedData, iter_texts, load_splits, prepare_data
 from ensemble.core.members import (
@@ -88,6 +88,7 @@ def train_run(
         model_config = fit_model_config(cfg.model, setup.base_config, tokenizer)
         flops = flops_per_token(model_config, setup.block_size)  # before any DeepSpeed plugin exists
         run_info = prepare_output_dir(cfg, setup, data, resume, only)
+        bases = BaseCache() if base and zero is None else None  # (DeepSpeed casts and shards its model)
         jobs = [
             MemberJob(
                 cfg,
@@ -102,6 +103,7 @@ def train_run(
                 run_id=run_info["run_id"],
                 resume_from=setup.plan.start.get(spec.index),
                 record={"base": base} if base else {},
+                bases=bases,
             )
             for spec in setup.selected
         ]
