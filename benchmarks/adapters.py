@@ -9,8 +9,13 @@ memory do not depend on them):
 - speed: member-tokens/s of the evaluator's forward (the body, then the head) for one full
   member; for the N adapter members one after another (each through its own view); and for
   the N in one forward pass (the batch repeated once per member, each copy through its own
-  adapter: `core.heads.hidden_states_of`). ratio = one-pass member-tokens/s / one member's
-  tokens/s (1.0: N adapter members cost N members; target >= 0.9).
+  adapter: our grouped LoRA layer, what the evaluator runs, `core.adapters.batched_hidden_states`;
+  and PEFT's mixed-batch forward, `adapter_names`). ratio = one-pass member-tokens/s / one
+  member's tokens/s (1.0: N adapter members cost N members; target >= 0.9);
+- training: N adapter members against N full fine-tunes of the same base, each set in one
+  process through the real entry point (`launch/train.py`, `--train-steps` steps per member, no
+  checkpoints or evaluation): wall seconds, the members' own training seconds, the process's
+  peak resident memory (on a GPU: host memory only) and a member's size on disk.
 
     python benchmarks/adapters.py                      # GPT-2 small base, N = 3 and 8
     python benchmarks/adapters.py --size tiny --members 3 --batches 2
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,20 +39,29 @@ sys.path.insert(0, str(REPO))
 from benchmarks.generation import SHARED, SIZES  # noqa: E402
 
 
-def adapter_run(root: Path, size: str, members: int, r: int, tokenizer_dir: str) -> list[Path]:
-    """A base of ``size`` and ``members`` adapter member directories on it (B drawn at random,
-    so that every adapter changes the model, as a trained one does)."""
+def save_base(root: Path, size: str, tokenizer_dir: str) -> Path:
+    """A GPT-2 of ``size`` with random weights and the tokenizer, in Hugging Face format."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    from ensemble.config.schema import AdapterConfig, ExperimentConfig, ModelConfig
-    from ensemble.core.adapters import attach_adapter, base_record
-    from ensemble.core.members import MemberSpec, save_member
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     base_dir = root / "base"
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **SIZES[size])).save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
+    return base_dir
+
+
+def adapter_run(root: Path, size: str, members: int, r: int, tokenizer_dir: str) -> list[Path]:
+    """A base of ``size`` and ``members`` adapter member directories on it (B drawn at random,
+    so that every adapter changes the model, as a trained one does)."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from ensemble.config.schema import AdapterConfig, ExperimentConfig, ModelConfig
+    from ensemble.core.adapters import attach_adapter, base_record
+    from ensemble.core.members import MemberSpec, save_member
+
+    base_dir = save_base(root, size, tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
     adapter = AdapterConfig("lora", r=r)
     cfg = ExperimentConfig(model=ModelConfig(name_or_path=str(base_dir)), adapter=adapter)
     record = {"base": base_record(str(base_dir))}
@@ -75,19 +91,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def member_tokens_per_s(parts: dict, ids: torch.Tensor, batches: int, one_pass: bool) -> float:
-    """Member-tokens/s of the evaluator's forward for ``parts`` (a ChunkedHead per member)."""
-    from ensemble.core.heads import hidden_states_of
+def member_tokens_per_s(parts: dict, ids: torch.Tensor, batches: int, mode: str) -> float:
+    """Member-tokens/s of the evaluator's forward for ``parts`` (a ChunkedHead per member), the
+    members' bodies run one after another (``apart``) or in one pass (``grouped``: our grouped
+    LoRA layer, what the evaluator runs; ``peft``: PEFT's mixed-batch forward)."""
+    from ensemble.core.adapters import batched_hidden_states
+    from ensemble.core.heads import autocast
 
     mask = torch.ones_like(ids)
+    first = next(iter(parts.values()))
+
+    def bodies() -> dict:
+        if mode == "apart":
+            return {i: p.hidden_states(ids, mask) for i, p in parts.items()}
+        with autocast(first.precision, first.device):
+            views = [p.model for p in parts.values()]
+            states = batched_hidden_states(views, ids, mask, grouped=mode == "grouped")
+        return dict(zip(parts, states, strict=True))
 
     def step() -> None:
-        states = (
-            hidden_states_of(parts, ids, mask)
-            if one_pass
-            else {i: p.hidden_states(ids, mask) for i, p in parts.items()}
-        )
-        for i, h in states.items():
+        for i, h in bodies().items():
             flat = h.reshape(-1, h.shape[-1])
             for span in parts[i].spans(len(flat)):
                 parts[i].logits(flat[span])
@@ -101,6 +124,34 @@ def member_tokens_per_s(parts: dict, ids: torch.Tensor, batches: int, one_pass: 
             step()
         _sync(device)
     return len(parts) * batches * ids.numel() / (time.perf_counter() - started)
+
+
+def training(root: Path, base_dir: Path, n: int, args: argparse.Namespace, adapter: bool) -> dict:
+    """Train ``n`` members on ``base_dir`` in one process, as LoRA adapters or full fine-tunes."""
+    out = root / ("adapters" if adapter else "full")
+    cmd = [
+        sys.executable, "launch/train.py", f"model.name_or_path={base_dir}", "model.gpt2_config={}",
+        "model.tokenizer=null", "data.dataset=builtin:python-docs", f"data.block_size={args.block}",
+        f"data.cache_dir={root / 'datasets'}", f"members.seeds={list(range(n))}",
+        f"train.max_steps={args.train_steps}", f"train.per_device_batch_size={args.batch}",
+        f"train.logging_steps={args.train_steps}", "checkpoint.every_steps=null", "checkpoint.at_epoch_end=false",
+        "tracking.report_to=[none]", f"output.dir={out}", "--no-eval",
+        *(["adapter.method=lora", f"adapter.r={args.r}"] if adapter else []),
+    ]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"training failed:\n{proc.stderr.read()[-4000:]}")
+    members = sorted((out / "members").glob("member-*"))
+    seconds = [json.loads((m / "member.json").read_text())["training"]["seconds"] for m in members]
+    return {
+        "wall_seconds": round(wall, 1),
+        "members_training_seconds": round(sum(seconds), 1),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024),  # KiB on Linux
+        "member_disk_mib": round(sum(f.stat().st_size for f in members[0].rglob("*")) / 2**20, 2),
+    }
 
 
 def measure(root: Path, args: argparse.Namespace, n: int, device: torch.device) -> dict:
@@ -122,13 +173,14 @@ def measure(root: Path, args: argparse.Namespace, n: int, device: torch.device) 
     adapter_bytes = held_bytes(adapters)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, adapters[0].config.vocab_size, (args.batch, args.block), generator=g).to(device)
-    sequential = member_tokens_per_s(heads(adapters), ids, args.batches, one_pass=False)
-    one_pass = member_tokens_per_s(heads(adapters), ids, args.batches, one_pass=True)
+    sequential = member_tokens_per_s(heads(adapters), ids, args.batches, "apart")
+    one_pass = member_tokens_per_s(heads(adapters), ids, args.batches, "grouped")
+    peft_pass = member_tokens_per_s(heads(adapters), ids, args.batches, "peft")
     del adapters
     full = load_members(merged, device)
     full_bytes = held_bytes(full)
     one_member_bytes = held_bytes(full[:1])
-    single = member_tokens_per_s(heads(full[:1]), ids, args.batches, one_pass=False)
+    single = member_tokens_per_s(heads(full[:1]), ids, args.batches, "apart")
     return {
         "members": n,
         "memory": {
@@ -142,9 +194,11 @@ def measure(root: Path, args: argparse.Namespace, n: int, device: torch.device) 
             "one_full_member": round(single, 1),
             "adapters_one_after_another": round(sequential, 1),
             "adapters_one_pass": round(one_pass, 1),
+            "adapters_one_pass_peft_mixed_batch": round(peft_pass, 1),
         },
         "one_pass_ratio": round(one_pass / single, 3),
         "one_after_another_ratio": round(sequential / single, 3),
+        "peft_mixed_batch_ratio": round(peft_pass / single, 3),
     }
 
 
@@ -156,6 +210,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--batches", type=int, default=5, help="timed batches (after one warm-up)")
+    p.add_argument("--train-members", type=int, default=3, help="N for the training comparison (0: none)")
+    p.add_argument("--train-steps", type=int, default=10, help="optimizer steps per trained member")
     p.add_argument("--tokenizer", type=Path, default=SHARED / "gpt2-tokenizer")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
@@ -169,6 +225,11 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(Path(tmp), args, n, device) for n in args.members]
+        train = {}
+        if args.train_members:
+            base_dir = save_base(Path(tmp) / "train", args.size, str(args.tokenizer))
+            for kind, adapter in (("adapters", True), ("full", False)):
+                train[kind] = training(Path(tmp) / "train", base_dir, args.train_members, args, adapter)
     report = {
         "device": name,
         "size": args.size,
@@ -176,20 +237,32 @@ def main() -> None:
         "batch": args.batch,
         "block": args.block,
         "rows": rows,
+        "training": {"members": args.train_members, "steps": args.train_steps, **train},
     }
     print(f"{name}, GPT-2 {args.size} base, LoRA r={args.r}, batch {args.batch} x {args.block} tokens")
     print(
         "| N | memory vs one member: adapters | full members | member-tokens/s: one member | "
-        "adapters one after another | adapters in one pass | one-pass ratio |"
+        "adapters one after another | one pass (grouped) | one pass (PEFT mixed batch) | "
+        "ratio: one after another | grouped | PEFT |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         m, t = row["memory"], row["member_tokens_per_s"]
         print(
             f"| {row['members']} | {m['adapters_vs_one_member']}x | {m['full_vs_one_member']}x | "
             f"{t['one_full_member']:,.0f} | {t['adapters_one_after_another']:,.0f} | "
-            f"{t['adapters_one_pass']:,.0f} | {row['one_pass_ratio']} |"
+            f"{t['adapters_one_pass']:,.0f} | {t['adapters_one_pass_peft_mixed_batch']:,.0f} | "
+            f"{row['one_after_another_ratio']} | {row['one_pass_ratio']} | {row['peft_mixed_batch_ratio']} |"
         )
+    if train:
+        print(f"\nTraining {args.train_members} members, {args.train_steps} steps each, in one process")
+        print("| Members | wall s | members' training s | peak RSS MiB | a member on disk MiB |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for kind, t in train.items():
+            print(
+                f"| {kind} | {t['wall_seconds']} | {t['members_training_seconds']} | "
+                f"{t['peak_rss_mib']:,} | {t['member_disk_mib']} |"
+            )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

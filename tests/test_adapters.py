@@ -6,6 +6,7 @@ shared base. Their scores must equal those of each member merged into a plain mo
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -102,7 +103,16 @@ def test_each_loader_gives_the_merged_member(run, base):
                 torch.testing.assert_close(loaded.eval()(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_the_ensemble_holds_one_base_and_scores_each_member_as_its_merged_model(run):
+@pytest.mark.parametrize("one_pass", [False, True], ids=["one-after-another", "one-pass"])
+def test_the_ensemble_holds_one_base_and_scores_each_member_as_its_merged_model(run, one_pass, monkeypatch):
+    # on CPU the evaluator runs adapter members one after another; on GPUs in one pass (forced here)
+    from ensemble.core import heads
+    from ensemble.evaluate import stream
+
+    if one_pass:
+        monkeypatch.setattr(
+            stream, "hidden_states_of", functools.partial(heads.hidden_states_of, one_pass=True)
+        )
     members = load_members(_members(run), "cpu")
     views = [m.model for m in members]
     assert all(isinstance(v, AdapterView) for v in views) and views[0].shared is views[1].shared
@@ -366,9 +376,41 @@ def test_one_forward_pass_gives_each_adapter_members_own_hidden_states(run, monk
     batched = adapters.batched_hidden_states
     monkeypatch.setattr(adapters, "batched_hidden_states", lambda *a: calls.append(a) or batched(*a))
     with torch.no_grad():
-        states = hidden_states_of(parts, ids, mask)
+        assert hidden_states_of(parts, ids, mask).keys() == parts.keys() and not calls  # CPU: one by one
+        states = hidden_states_of(parts, ids, mask, one_pass=True)
         assert len(calls) == 1  # both members in one pass
         for i, part in parts.items():
             own = part.hidden_states(ids, mask)  # this member alone, through its view's body
             torch.testing.assert_close(states[i], own, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(states[0], states[1])
+
+
+def test_the_grouped_lora_pass_equals_peft_mixed_batch_and_each_adapter_alone(run):
+    # Our grouped LoRA layer (one batched matmul per layer for all members) against PEFT's
+    # mixed-batch forward and against each adapter on its own, with a third adapter of another
+    # rank on only some of the layers (zero-padded in the grouped pass).
+    from peft import LoraConfig
+
+    from ensemble.core.adapters import batched_hidden_states
+
+    members = load_members(_members(run), "cpu")
+    shared = members[0].model.shared
+    shared.add_adapter("other", LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in shared.named_parameters():
+            if "lora_B" in name and ".other." in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    shared.eval()
+    views = [m.model for m in members] + [AdapterView(shared, "other")]
+    ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        grouped = batched_hidden_states(views, ids, mask)
+        peft_mixed = batched_hidden_states(views, ids, mask, grouped=False)
+        for view, g, p in zip(views, grouped, peft_mixed, strict=True):
+            view.activate()
+            alone = shared.get_base_model().base_model(ids, attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(g, alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(p, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(grouped[2], grouped[0])
+    assert not any("forward" in vars(m) for m in shared.modules())  # every layer restored

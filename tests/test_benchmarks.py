@@ -79,7 +79,8 @@ def test_gpu_benchmark_reports_every_figure_and_ratio(tmp_path, shared_data: Pat
 def test_adapter_benchmark_reports_memory_and_speed(tmp_path, shared_data: Path):
     out = tmp_path / "adapters.json"
     cmd = [PYTHON, "benchmarks/adapters.py", "--size", "tiny", "--members", "2", "3", "--batches", "1",
-           "--batch", "2", "--block", "64", "--tokenizer", str(shared_data / "gpt2-tokenizer"), "--json", str(out)]  # fmt: skip
+           "--batch", "2", "--block", "64", "--train-members", "2", "--train-steps", "2",
+           "--tokenizer", str(shared_data / "gpt2-tokenizer"), "--json", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     figures = json.loads(out.read_text())
@@ -90,3 +91,10 @@ def test_adapter_benchmark_reports_memory_and_speed(tmp_path, shared_data: Path)
         assert m["one_full_member_bytes"] < m["adapters_bytes"] < 1.2 * m["one_full_member_bytes"]
         assert all(v > 0 for v in row["member_tokens_per_s"].values())
         assert f"| {n} | {m['adapters_vs_one_member']}x | {m['full_vs_one_member']}x |" in proc.stdout
+    train = figures["training"]
+    assert train["members"] == 2
+    assert train["adapters"]["member_disk_mib"] < train["full"]["member_disk_mib"]  # an adapter, not a model
+    for kind in ("adapters", "full"):
+        t = train[kind]
+        assert 0 < t["members_training_seconds"] < t["wall_seconds"] and t["peak_rss_mib"] > 0
+        assert f"| {kind} | {t['wall_seconds']} | {t['members_training_seconds']} |" in proc.stdout

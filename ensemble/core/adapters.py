@@ -14,9 +14,11 @@ then an :class:`AdapterView` that switches the shared model to its adapter befor
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -215,23 +217,96 @@ class AdapterView(torch.nn.Module):
 
 
 def batched_hidden_states(
-    views: list[AdapterView], ids: torch.Tensor, attention_mask: torch.Tensor
+    views: list[AdapterView], ids: torch.Tensor, attention_mask: torch.Tensor, grouped: bool = True
 ) -> list[torch.Tensor]:
     """Each view's final hidden states for ``ids`` [batch, block], from one forward pass of the
-    shared body over the batch repeated once per view, each copy through its view's adapter
-    (PEFT's mixed-batch inference: ``adapter_names``, one per row)."""
+    shared body over the batch repeated once per view, each copy through its view's adapter:
+    with ``grouped``, every LoRA layer's updates for all views as one batched matmul
+    (`_grouped_lora`); otherwise PEFT's mixed-batch inference (``adapter_names``, one per row)."""
     shared = views[0].shared
     if any(v.shared is not shared for v in views):
         raise ValueError("batched_hidden_states needs views of one shared model")
     n, rows = len(views), ids.shape[0]
-    names = [v.adapter for v in views for _ in range(rows)]
-    with shared.base_model._enable_peft_forward_hooks(adapter_names=names):
+    adapters = [v.adapter for v in views]
+    if grouped and _groupable(shared, adapters):
+        routing = _grouped_lora(shared, adapters)
+    else:
+        routing = shared.base_model._enable_peft_forward_hooks(
+            adapter_names=[a for a in adapters for _ in range(rows)]
+        )
+    with routing:
         hidden = (
             shared.get_base_model()
             .base_model(ids.repeat(n, 1), attention_mask=attention_mask.repeat(n, 1), use_cache=False)
             .last_hidden_state
         )
     return list(hidden.split(rows))
+
+
+# Our own grouped LoRA layer rather than PEFT's mixed-batch forward: PEFT's launches about four
+# kernels per adapter in every layer (gather the adapter's rows, A, B, scatter back), so its cost
+# grows with N in exactly what one pass is meant to save on a GPU. The batch here is one
+# contiguous block of rows per member, so each layer's updates for all members are two batched
+# matmuls whatever N (x [N, rows, in] @ A [N, in, r] @ B [N, r, out]). On CPU the two measured
+# the same (benchmarks/adapters.py, docs/performance.md#adapter-members).
+
+
+def _lora_layers(shared: torch.nn.Module) -> list[Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in shared.modules() if isinstance(m, LoraLayer)]
+
+
+def _groupable(shared: torch.nn.Module, adapters: list[str]) -> bool:
+    """Plain LoRA on linear layers in inference: no DoRA or other variant, no LoRA bias, no
+    dropout in training mode (those go through PEFT's own forward)."""
+    for layer in _lora_layers(shared):
+        for a in adapters:
+            if a not in layer.lora_A:
+                continue
+            dropout = layer.training and not isinstance(layer.lora_dropout[a], torch.nn.Identity)
+            variant = a in getattr(layer, "lora_variant", {})
+            if variant or dropout or layer.lora_B[a].bias is not None:
+                return False
+    return True
+
+
+@contextlib.contextmanager
+def _grouped_lora(shared: torch.nn.Module, adapters: list[str]) -> Iterator[None]:
+    """While open, every LoRA layer of ``shared`` adds adapter i's update to the i-th block of
+    rows of its input (the batch repeated once per adapter, in ``adapters``' order)."""
+    patched = []
+    for layer in _lora_layers(shared):
+        present = [a for a in adapters if a in layer.lora_A]
+        if not present:
+            continue
+        first = layer.lora_A[present[0]].weight
+        rank = max(layer.lora_A[a].weight.shape[0] for a in present)
+        out_features = layer.lora_B[present[0]].weight.shape[0]
+        # ranks may differ between members: zero-padded rows of A and columns of B add nothing
+        down = first.new_zeros(len(adapters), first.shape[1], rank)
+        up = first.new_zeros(len(adapters), rank, out_features)
+        for i, a in enumerate(adapters):
+            if a in layer.lora_A:
+                r = layer.lora_A[a].weight.shape[0]
+                down[i, :, :r] = layer.lora_A[a].weight.t()
+                up[i, :r] = layer.lora_B[a].weight.t() * layer.scaling[a]
+        layer.forward = functools.partial(_grouped_forward, layer, down, up)
+        patched.append(layer)
+    try:
+        yield
+    finally:
+        for layer in patched:
+            del layer.forward  # the class's forward again
+
+
+def _grouped_forward(
+    layer: Any, down: torch.Tensor, up: torch.Tensor, x: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor:
+    result = layer.base_layer(x, *args, **kwargs)
+    blocks = x.to(down.dtype).reshape(down.shape[0], -1, x.shape[-1])
+    update = torch.bmm(torch.bmm(blocks, down), up)
+    return (result + update.reshape(result.shape)).to(result.dtype)
 
 
 class _AdapterBody(torch.nn.Module):

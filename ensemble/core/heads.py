@@ -87,19 +87,27 @@ class ChunkedHead:
 
 
 def hidden_states_of(
-    parts: dict[int, ChunkedHead], ids: torch.Tensor, attention_mask: torch.Tensor
+    parts: dict[int, ChunkedHead],
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    one_pass: bool | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Every part's final hidden states for the batch ``ids``; adapter members of one base in
-    one forward pass (the batch repeated once per member, each copy through its own adapter)."""
+    """Every part's final hidden states for the batch ``ids``; with ``one_pass``, adapter members
+    of one base in one forward pass (the batch repeated once per member, each copy through its
+    own adapter). None: one pass on GPUs only, where it saves a launch sequence per member; on
+    CPU, where nothing is launch-bound, the members one after another measured faster (the
+    larger batch's working set; docs/performance.md#adapter-members)."""
     from ensemble.core.adapters import AdapterView, batched_hidden_states
 
+    if one_pass is None:
+        one_pass = any(part.device.type == "cuda" for part in parts.values())
     groups: dict[int, list[int]] = {}
     for i, part in parts.items():
         if isinstance(part.model, AdapterView):
             groups.setdefault(id(part.model.shared), []).append(i)
     states = {}
     for members in groups.values():
-        if len(members) > 1:
+        if one_pass and len(members) > 1:
             first = parts[members[0]]
             with autocast(first.precision, first.device):
                 views = [parts[i].model for i in members]
