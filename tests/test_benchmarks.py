@@ -98,3 +98,23 @@ def test_adapter_benchmark_reports_memory_and_speed(tmp_path, shared_data: Path)
         t = train[kind]
         assert 0 < t["members_training_seconds"] < t["wall_seconds"] and t["peak_rss_mib"] > 0
         assert f"| {kind} | {t['wall_seconds']} | {t['members_training_seconds']} |" in proc.stdout
+
+
+def test_the_finetune_regime_study_evaluates_base_members_ensemble_soup_and_student(tmp_path):
+    out = tmp_path / "regime.json"
+    cmd = [PYTHON, "benchmarks/finetune_regime.py", "--root", str(tmp_path / "runs"),
+           "--base-set", "model.gpt2_config={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 128}", "train.max_steps=10",
+           "--set", "train.max_steps=4", "eval.bootstrap_samples=20", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    every = json.loads(out.read_text())
+    assert len({every[k]["data"]["sha256"] for k in ("base", "full", "lora")}) == 1  # the same test blocks
+    for regime in ("full", "lora"):
+        results = every[regime]
+        assert len(results["members"]) == 3 and "nll" in results["soup"] and "nll" in results["student"]
+        for name in ("soup", "student"):
+            kept = results[name]["gain_kept"]
+            assert kept["nll_vs_ensemble"] == pytest.approx(results[name]["nll"] - results["ensemble"]["nll"])
+            assert f"| {name} | {results[name]['nll']:.4f} |" in proc.stdout
+        assert f"**{regime}** ({results['data']['tokens_evaluated']:,} test tokens)" in proc.stdout
+    assert proc.stdout.count(f"| base (not fine-tuned) | {every['base']['members'][0]['nll']:.4f} |") == 2

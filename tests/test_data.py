@@ -211,3 +211,20 @@ def test_a_bad_byte_is_located_across_read_blocks(tmp_path):
     for chunk in (1, 2, 3, 7, 8, 1 << 20):
         with pytest.raises(EnsembleError, match=r"not utf-8 text \(byte 0xe2 at byte 6, line 3\)"):
             check_text_file(path, "utf-8", chunk=chunk)
+
+
+def test_the_standard_library_text_is_one_document_per_module_in_name_order(datasets_cache):
+    import sysconfig
+
+    from ensemble.config.schema import BUILTIN_PYTHON_STDLIB
+    from ensemble.core.data import load_splits
+
+    cfg = DataConfig(dataset=BUILTIN_PYTHON_STDLIB, cache_dir=str(datasets_cache))
+    splits = load_splits(cfg)
+    titles = [t for name in splits for t in splits[name]["title"]]
+    modules = sorted(p.name for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    assert sorted(titles) == modules and len(set(titles)) == len(
+        titles
+    )  # every module once, across the splits
+    row = splits["train"][0]
+    assert row["text"] == (Path(sysconfig.get_paths()["stdlib"]) / row["title"]).read_text(encoding="utf-8")

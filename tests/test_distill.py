@@ -185,6 +185,7 @@ def test_distil_then_evaluate(distilled):
     assert kept["share"] == pytest.approx(
         (member_nll - row["nll"]) / (member_nll - results["ensemble"]["nll"])
     )
+    assert kept["nll_vs_ensemble"] == pytest.approx(row["nll"] - results["ensemble"]["nll"])
     assert "soup" in results and "trained from scratch" in results["soup"]["skipped"]
     md = (distilled / "results.md").read_text()
     assert "| Student (distilled) (seed 0) |" in md and "Soup (mean of the weights): not evaluated" in md
@@ -194,6 +195,8 @@ def test_distil_then_evaluate(distilled):
     assert again["nll"] == pytest.approx(row["nll"], rel=1e-9)
     lo, hi = again["gain_kept"]["ci95"]
     assert lo <= again["gain_kept"]["share"] <= hi
+    lo, hi = again["gain_kept"]["nll_vs_ensemble_ci95"]  # paired replicates: a narrow interval round it
+    assert lo < again["gain_kept"]["nll_vs_ensemble"] < hi
     assert not any(".tmp-" in p.name for p in distilled.rglob("*"))
 
 

@@ -38,6 +38,11 @@ def _fails(capsys, argv: list[str], message: str) -> str:
             "own files add data.dataset=null",
         ),
         ({"data__encoding": "latin-9x"}, "data.encoding='latin-9x' is not a known encoding"),
+        (
+            {"data__dataset": "builtin:python-stdlb"},
+            "data.dataset=builtin:python-stdlb is not a built-in text (did you mean builtin:python-stdlib?); "
+            "use one of builtin:python-docs, builtin:python-stdlib",
+        ),
         ({"train__per_device_batch_size": "four"}, "train.per_device_batch_size expects int, got 'four'"),
         ({"members__seeds": "[1, 2, 1]"}, "members.seeds has duplicate seeds [1]"),
         (

@@ -18,6 +18,10 @@ import yaml
 from ensemble.errors import ConfigError, did_you_mean
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+BUILTIN_PYTHON_STDLIB = "builtin:python-stdlib"
+# Texts that ship with the interpreter: real data on every machine, nothing to download
+# (core/data.py holds their loaders, keyed by these names).
+BUILTIN_TEXTS = (BUILTIN_PYTHON_DOCS, BUILTIN_PYTHON_STDLIB)
 BYTE_TOKENIZER = "byte"
 BPE_TOKENIZER = "bpe"
 DEFAULT_ARCHITECTURE = "gpt2"  # of a model built from scratch without model.architecture
@@ -152,8 +156,10 @@ class AdapterConfig:
 class DataConfig:
     dataset: str | None = None
     """Hub dataset name (`lonestar108/enlightenedllm`), a local directory written by
-    `Dataset.save_to_disk`, or `builtin:python-docs` (the Python reference manual that ships with
-    CPython as `pydoc_data.topics`: real text on every machine, no download)."""
+    `Dataset.save_to_disk`, or a text that ships with CPython (real text on every machine, no
+    download): `builtin:python-docs`, the reference manual (`pydoc_data.topics`), or
+    `builtin:python-stdlib`, the source of the standard library's top-level modules (one
+    document per module; the base the fine-tuning configs pretrain)."""
 
     dataset_config: str | None = None
     """Hub dataset configuration (subset) name, if the dataset has several."""
@@ -218,7 +224,12 @@ class DataConfig:
         if not self.dataset and not files:
             raise ConfigError(
                 "no data source: set data.dataset (a Hub name, a saved dataset or "
-                f"{BUILTIN_PYTHON_DOCS}) or data.train_files/data.test_files (local files)"
+                f"{' / '.join(BUILTIN_TEXTS)}) or data.train_files/data.test_files (local files)"
+            )
+        if self.dataset and self.dataset.startswith("builtin:") and self.dataset not in BUILTIN_TEXTS:
+            raise ConfigError(
+                f"data.dataset={self.dataset} is not a built-in text{did_you_mean(self.dataset, BUILTIN_TEXTS)}; "
+                f"use one of {', '.join(BUILTIN_TEXTS)}"
             )
         try:
             codecs.lookup(self.encoding)

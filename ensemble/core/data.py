@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ensemble.config.schema import BUILTIN_PYTHON_DOCS, DataConfig
+from ensemble.config.schema import BUILTIN_PYTHON_DOCS, BUILTIN_PYTHON_STDLIB, DataConfig
 from ensemble.core.hub import is_local, require_local_or_hub
 from ensemble.errors import EnsembleError
 
@@ -43,9 +43,30 @@ TEXT_BUILDERS = ("text", "json", "csv")  # formats read as text, in data.encodin
 # Loading raw splits
 
 
-def _python_docs(topics: dict[str, str]):
-    for title, text in topics.items():
+def _documents(texts: dict[str, str]) -> Iterator[dict[str, str]]:
+    for title, text in texts.items():
         yield {"title": title, "text": text}
+
+
+def _python_docs() -> dict[str, str]:
+    import pydoc_data.topics
+
+    return dict(pydoc_data.topics.topics)
+
+
+def _python_stdlib() -> dict[str, str]:
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    modules = sorted(root.glob("*.py"))
+    if not modules:
+        raise EnsembleError(
+            f"{BUILTIN_PYTHON_STDLIB}: this Python keeps no module sources in {root}; use another data.dataset"
+        )
+    return {m.name: m.read_text(encoding="utf-8") for m in modules}
+
+
+BUILTIN_LOADERS = {BUILTIN_PYTHON_DOCS: _python_docs, BUILTIN_PYTHON_STDLIB: _python_stdlib}
 
 
 def _load_source(cfg: DataConfig) -> Any:
@@ -54,15 +75,11 @@ def _load_source(cfg: DataConfig) -> Any:
 
     names = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
 
-    if cfg.dataset == BUILTIN_PYTHON_DOCS:
-        import pydoc_data.topics
-
-        # gen_kwargs are part of the cache fingerprint, so another CPython's manual gets its own
+    if cfg.dataset in BUILTIN_LOADERS:
+        # gen_kwargs are part of the cache fingerprint, so another CPython's text gets its own
         # cache entry rather than a stale one.
         ds = datasets.Dataset.from_generator(
-            _python_docs,
-            gen_kwargs={"topics": dict(pydoc_data.topics.topics)},
-            cache_dir=cfg.cache_dir,
+            _documents, gen_kwargs={"texts": BUILTIN_LOADERS[cfg.dataset]()}, cache_dir=cfg.cache_dir
         )
         return datasets.DatasetDict({"train": ds})
 

@@ -180,7 +180,12 @@ class GainKept(TypedDict):
     nll_vs_best_member: float
     perplexity_ratio_vs_best_member: float
     best_member: str
+    nll_vs_ensemble: float
+    """Its NLL minus the ensemble's (positive: the ensemble is better)."""
     ci95: NotRequired[Interval]
+    """Of ``share``."""
+    nll_vs_ensemble_ci95: NotRequired[Interval]
+    """Paired: both NLLs from the same bootstrap replicate of the blocks."""
 
 
 class OneModelRow(Metrics):

@@ -321,6 +321,7 @@ def _gain_kept(one: Scorer, scorer: Scorer, members: list[LoadedMember], nll: fl
         "nll_vs_best_member": float(nll - member_nll[best]),
         "perplexity_ratio_vs_best_member": float(np.exp(nll - member_nll[best])),
         "best_member": members[best].name,
+        "nll_vs_ensemble": float(nll - ensemble_nll),
     }
     keep = (scorer.boot_tokens > 0) & (one.boot_tokens > 0)
     if one.bootstrap_samples and gain > 0 and keep.any():
@@ -330,6 +331,7 @@ def _gain_kept(one: Scorer, scorer: Scorer, members: list[LoadedMember], nll: fl
             mean_member = nlls[:, :n].mean(axis=1)
             share = (mean_member - own) / (mean_member - nlls[:, ens])
         kept["ci95"] = percentile_interval(share[np.isfinite(share)])
+        kept["nll_vs_ensemble_ci95"] = percentile_interval(own - nlls[:, ens])
     return kept
 
 
